@@ -1,0 +1,123 @@
+"""Pretrain a causal language model from scratch (default: the Qwen2.5-0.5B architecture) on a JSON Lines corpus.
+
+Launch it with `bash pretrain.sh` (DeepSpeed ZeRO-2, any number of GPUs or CPU ranks). Arguments are those of
+transformers' run_clm.py plus every TrainingArguments flag; `python pretrain.py --help` lists them all, and a
+single .json or .yaml file of them works too. The story of a run, top to bottom:
+parse → check inputs → tokenize once (cached) → model → Trainer → train (resuming if it can) → evaluate → save.
+"""
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import transformers
+from torch.utils.data import ConcatDataset, Subset
+from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
+from seqlm.callbacks import ThroughputCallback
+from seqlm.model import build_model, load_config
+from seqlm.token_cache import BlockDataset, build_token_cache
+from seqlm.tokenizer import load_tokenizer
+from seqlm.tracking import start_swanlab
+
+log = logging.getLogger("pretrain")
+
+
+def fail(message: str) -> None:
+    """Bad input stops the run before any heavy work, with one line that says what and how to fix it."""
+    log.error(message)
+    sys.exit(2)
+
+
+def parse_args() -> tuple[ModelArguments, DataTrainingArguments, PretrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PretrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTrainingArguments, training_args):
+    """Tokenize each file once (the first process per machine builds, the others wait), then cut blocks."""
+    with training_args.main_process_first(desc="tokenizing"):
+        folders = [build_token_cache(f, tokenizer, separator_id, data_args.token_cache_dir) for f in files]
+    datasets = [BlockDataset(folder, data_args.block_size) for folder in folders]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+def main() -> None:
+    model_args, data_args, training_args = parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=training_args.get_process_log_level(), handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    evaluating = training_args.eval_strategy != "no" or training_args.do_eval
+
+    # Inputs are checked first: a typo must not cost a model build or an hour of tokenizing.
+    needed = data_args.train_files + (data_args.validation_files if evaluating else [])
+    missing = [f for f in needed if not Path(f).is_file()]
+    if missing:
+        fail(f"no corpus file {', '.join(missing)}: make it with `python download_dataset.py && python "
+             f"make_subset.py` (or `make demo` for the offline sample), or pass --train_files / --validation_files"
+             + ("" if not set(missing) & set(data_args.validation_files) else "; --eval_strategy no trains without one"))
+    try:
+        config = load_config(model_args.model_name_or_path or model_args.config_name)
+        tokenizer = load_tokenizer(model_args.tokenizer_name)
+    except (OSError, ValueError) as e:
+        fail(f"{e}".splitlines()[0])
+    separator_id = config.eos_token_id  # <|endoftext|> for Qwen2.5; the Qwen3 tokenizer's eos_token is <|im_end|>
+    if not isinstance(separator_id, int):
+        fail(f"the model config needs one integer eos_token_id to separate documents (has {separator_id!r})")
+    if data_args.block_size > config.max_position_embeddings:
+        fail(f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings "
+             f"{config.max_position_embeddings}: lower it")
+    if len(tokenizer) > config.vocab_size:
+        fail(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {config.vocab_size:,}: "
+             "use the tokenizer that belongs to this config")
+
+    last_checkpoint = None
+    if training_args.do_train and training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint:
+            log.info("resuming from %s", last_checkpoint)
+    set_seed(training_args.seed)
+
+    train_dataset = blocks(data_args.train_files, tokenizer, separator_id, data_args, training_args)
+    eval_dataset = None
+    if evaluating:
+        eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, data_args, training_args)
+        if data_args.max_eval_samples is not None:
+            eval_dataset = Subset(eval_dataset, range(min(data_args.max_eval_samples, len(eval_dataset))))
+    log.info("%s training blocks of %d tokens (%s tokens), %s evaluation blocks", f"{len(train_dataset):,}",
+             data_args.block_size, f"{len(train_dataset) * data_args.block_size:,}",
+             f"{len(eval_dataset):,}" if eval_dataset is not None else "no")
+
+    model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
+    if "swanlab" in training_args.report_to and training_args.process_index == 0:
+        start_swanlab(training_args.output_dir, training_args.run_name,
+                      config={**vars(model_args), **vars(data_args)})
+
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      processing_class=tokenizer, data_collator=default_data_collator)
+    trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if evaluating:
+        metrics = trainer.evaluate()
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.process_index == 0:
+        log.info("model saved in %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

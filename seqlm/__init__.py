@@ -1,0 +1,1 @@
+"""Shared code of the pretraining pipeline; the top-level scripts are thin entry points over it."""

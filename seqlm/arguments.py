@@ -1,0 +1,75 @@
+"""Command-line arguments, in the shape of transformers' run_clm.py: model, data and training dataclasses parsed
+together by HfArgumentParser, so every TrainingArguments flag works unchanged. Each default lives here once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from . import paths
+
+
+@dataclass
+class ModelArguments:
+    config_name: str = field(
+        default="qwen2.5-0.5b",
+        metadata={"help": "Model architecture to train from scratch: a preset in configs/ (qwen2.5-0.5b, tiny), a "
+                          "config.json, or a model folder / hub id whose config is used with random weights."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Continue pretraining from these weights (an HF checkpoint folder or hub id) instead of "
+                          "starting from random weights."})
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": f"Tokenizer folder or hub id (default: {paths.MODEL_DIR}, fetched by download_dataset.py)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on a GPU, "
+                          "else sdpa)."})
+
+
+@dataclass
+class DataTrainingArguments:
+    train_files: list[str] = field(
+        default_factory=lambda: [str(paths.TRAIN_SUBSET)],
+        metadata={"help": "Training corpus: JSON Lines files of {\"text\": ...} (make_subset.py writes one)."})
+    validation_files: list[str] = field(
+        default_factory=lambda: [str(paths.VALIDATION_SUBSET)],
+        metadata={"help": "Held-out JSON Lines files for the evaluation loss and perplexity."})
+    block_size: int = field(
+        default=2048, metadata={"help": "Tokens per training sequence; documents are packed across blocks."})
+    token_cache_dir: str = field(
+        default=str(paths.TOKEN_CACHE_DIR),
+        metadata={"help": "Where tokenized corpora are kept and reused (keyed by corpus, tokenizer and settings)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many validation blocks (default: all)."})
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """TrainingArguments with the defaults of this pipeline: the tutorial's, with its bugs fixed."""
+
+    output_dir: str = field(default="output/pretrain", metadata={"help": "Checkpoints and the final model."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device and micro-step."})
+    gradient_accumulation_steps: int = field(default=16, metadata={"help": "Micro-steps per optimizer step."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Sequences per device in evaluation."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training subset."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate, after warm-up."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Decay after warm-up (the tutorial's DeepSpeed WarmupLR never decays)."})
+    warmup_steps: float = field(default=200, metadata={"help": "Linear warm-up steps (a float < 1 is a ratio)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% more compute."})
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: steps, epoch or no."})
+    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
+    save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    include_num_input_tokens_seen: str | bool = field(
+        default=True, metadata={"help": "Count the tokens seen (logged as num_input_tokens_seen)."})
+    report_to: None | str | list[str] = field(
+        default="swanlab", metadata={"help": "Loggers: swanlab (mode from SWANLAB_MODE), tensorboard, none, ..."})
+    seed: int = field(default=42, metadata={"help": "Seed of the weights' initialisation and the data order."})
+    do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train false to only evaluate)."})

@@ -1,0 +1,143 @@
+"""Read a seq-monkey-style JSON Lines corpus (`{"text": ...}` per line), plain or inside an archive, and
+validate each line. Everything streams: memory stays flat whatever the size of the input."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import os
+import tarfile
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+BOM = b"\xef\xbb\xbf"
+MAX_EXAMPLES = 5  # first line numbers kept per skip reason
+
+
+class BadLine(ValueError):
+    """A line that is not a JSON object with a non-empty string `text`; `reason` is a short key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _tar_member(archive: tarfile.TarFile, path: Path) -> BinaryIO:
+    # Streaming mode ("r|*") reads members in order, so the first .jsonl file is taken as it comes.
+    for member in archive:
+        if member.isfile() and member.name.endswith((".jsonl", ".json")):
+            return archive.extractfile(member)
+    raise FileNotFoundError(f"{path}: no .jsonl file inside the archive")
+
+
+@contextmanager
+def open_corpus(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a .jsonl (or .json lines) file, a .gz/.bz2 of one, or a .tar(.gz|.bz2) holding one, as bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    name = path.name
+    if ".tar" in path.suffixes:
+        with tarfile.open(path, mode="r|*") as archive:
+            yield _tar_member(archive, path)
+    elif name.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield f
+    elif name.endswith(".bz2"):
+        with bz2.open(path, "rb") as f:
+            yield f
+    else:
+        with open(path, "rb", buffering=1 << 20) as f:
+            yield f
+
+
+class CorruptInput(IOError):
+    """A compressed input that cannot be read to its end."""
+
+
+def parse_line(raw: bytes) -> str:
+    """Return the document text of one raw line, or raise BadLine saying why it is unusable."""
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    if not raw.strip():
+        raise BadLine("blank_line")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine("invalid_utf8", str(e)) from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        reason = "truncated_line" if not raw.endswith(b"\n") else "invalid_json"
+        raise BadLine(reason, str(e)) from None
+    if not isinstance(obj, dict):
+        raise BadLine("not_an_object", type(obj).__name__)
+    if "text" not in obj:
+        raise BadLine("missing_text")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise BadLine("text_not_a_string", type(text).__name__)
+    if not text.strip():
+        raise BadLine("empty_text")
+    return text
+
+
+@dataclass
+class LineStats:
+    """Counts of a pass over a corpus; `valid + sum(skipped) == lines` always."""
+
+    lines: int = 0
+    valid: int = 0
+    chars: int = 0
+    bytes: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def skip(self, lineno: int, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append(lineno)
+
+    def summary(self) -> str:
+        out = [f"lines read {self.lines:,}, valid {self.valid:,} ({self.chars:,} characters, {self.bytes:,} bytes)"]
+        for reason, count in self.skipped.most_common():
+            first = ", ".join(map(str, self.examples[reason]))
+            out.append(f"  skipped {count:,} {reason} (first at line {first})")
+        return "\n".join(out)
+
+
+def read_lines(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: bool = False) -> Iterator[tuple[bytes, str]]:
+    """Yield (raw line, text) for each valid line; count the others in `stats`, or raise on the first if strict.
+
+    A truncated compressed stream is always an error: the lines before it were yielded already."""
+    lineno = 0
+    try:
+        for raw in f:
+            lineno += 1
+            stats.lines += 1
+            try:
+                text = parse_line(raw)
+            except BadLine as e:
+                if strict:
+                    raise BadLine(e.reason, f"{path}:{lineno}: {e} (rerun without --strict to skip bad lines)") from None
+                stats.skip(lineno, e.reason)
+                continue
+            stats.valid += 1
+            stats.chars += len(text)
+            stats.bytes += len(raw)
+            yield raw, text
+    except (EOFError, tarfile.ReadError, OSError, zlib.error) as e:
+        raise CorruptInput(f"{path}: the archive ends early or is damaged after line {lineno:,} ({e})") from None
+
+
+def iter_texts(path: str | os.PathLike, stats: LineStats | None = None) -> Iterator[str]:
+    """The texts of the valid lines of a corpus file, in order."""
+    stats = stats if stats is not None else LineStats()
+    with open_corpus(path) as f:
+        for _, text in read_lines(f, path, stats):
+            yield text

@@ -1,0 +1,35 @@
+"""swanlab: one run per training job, started on the first process only, never waiting on a login prompt."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+MODES = ("cloud", "local", "offline", "disabled")
+
+
+def swanlab_mode() -> str:
+    """SWANLAB_MODE if set; else cloud with an API key, local when the dashboard is installed, offline otherwise."""
+    mode = os.environ.get("SWANLAB_MODE")
+    if mode:
+        if mode not in MODES:
+            raise ValueError(f"SWANLAB_MODE={mode!r}: choose one of {', '.join(MODES)}")
+        return mode
+    if os.environ.get("SWANLAB_API_KEY"):
+        return "cloud"
+    return "local" if importlib.util.find_spec("swanboard") else "offline"
+
+
+def start_swanlab(output_dir: str, run_name: str | None, config: dict) -> str:
+    """Start the run that transformers' SwanLabCallback then logs to (it cannot start one itself with swanlab
+    0.10: its get_run() raises before init). Returns the log folder."""
+    import swanlab
+
+    mode = swanlab_mode()
+    log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(output_dir, "swanlog")
+    swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "seq-monkey-pretrain"), name=run_name,
+                 mode=mode, log_dir=log_dir, config=config)
+    log.info("swanlab %s run, logs in %s%s", mode, log_dir,
+             f" (view: swanlab watch {log_dir})" if mode == "local" else "")
+    return log_dir
