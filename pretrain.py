@@ -6,7 +6,6 @@ single .json or .yaml file of them works too. The story of a run, top to bottom:
 parse → check inputs → tokenize once (cached) → model → Trainer → train (resuming if it can) → evaluate → save.
 """
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,9 +17,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
 from seqlm.callbacks import ThroughputCallback
-from seqlm.model import build_model, load_config
+from seqlm.model import build_model, load_config_and_tokenizer
 from seqlm.token_cache import BlockDataset, build_token_cache
-from seqlm.tokenizer import load_tokenizer
 from seqlm.tracking import start_swanlab
 
 log = logging.getLogger("pretrain")
@@ -64,19 +62,9 @@ def main() -> None:
              f"make_subset.py` (or `make demo` for the offline sample), or pass --train_files / --validation_files"
              + ("" if not set(missing) & set(data_args.validation_files) else "; --eval_strategy no trains without one"))
     try:
-        config = load_config(model_args.model_name_or_path or model_args.config_name)
-        tokenizer = load_tokenizer(model_args.tokenizer_name)
+        config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
     except (OSError, ValueError) as e:
-        fail(f"{e}".splitlines()[0])
-    separator_id = config.eos_token_id  # <|endoftext|> for Qwen2.5; the Qwen3 tokenizer's eos_token is <|im_end|>
-    if not isinstance(separator_id, int):
-        fail(f"the model config needs one integer eos_token_id to separate documents (has {separator_id!r})")
-    if data_args.block_size > config.max_position_embeddings:
-        fail(f"--block_size {data_args.block_size} exceeds the model's max_position_embeddings "
-             f"{config.max_position_embeddings}: lower it")
-    if len(tokenizer) > config.vocab_size:
-        fail(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {config.vocab_size:,}: "
-             "use the tokenizer that belongs to this config")
+        fail(str(e).splitlines()[0])
 
     last_checkpoint = None
     if training_args.do_train and training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
@@ -111,8 +99,7 @@ def main() -> None:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     if evaluating:
-        metrics = trainer.evaluate()
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        metrics = trainer.evaluate()  # ThroughputCallback adds eval_perplexity
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.process_index == 0:

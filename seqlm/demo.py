@@ -58,3 +58,12 @@ def write_demo_corpus(path: str | os.PathLike) -> int:
 def copy_offline_tokenizer(folder: str | os.PathLike) -> None:
     with atomic_output(folder) as tmp:
         shutil.copytree(offline_tokenizer_dir(), tmp)
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo")
+    count = write_demo_corpus(folder / "corpus.jsonl")
+    copy_offline_tokenizer(folder / "tokenizer")
+    print(f"{folder}/corpus.jsonl: {count:,} documents of People's Daily (1998); {folder}/tokenizer: Qwen tokenizer")

@@ -5,10 +5,11 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import is_flash_attn_2_available
 
 from . import paths
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +39,30 @@ def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn_i
     log.info("model %s, %s attention: %s parameters (%s in the embedding)", config.model_type, attn,
              f"{model.num_parameters():,}", f"{embedding:,}")
     return model
+
+
+def document_separator(config: PretrainedConfig) -> int:
+    """The id that ends every document: the model's eos_token_id (<|endoftext|> = 151643 for Qwen2.5). Not the
+    tokenizer's eos_token, which is <|im_end|> in the Qwen chat tokenizers."""
+    separator = config.eos_token_id
+    if not isinstance(separator, int):
+        raise ValueError(f"the model config needs one integer eos_token_id to separate documents (has {separator!r})")
+    return separator
+
+
+def check_compatible(config: PretrainedConfig, tokenizer, block_size: int) -> None:
+    """Raise ValueError, in one line saying how to fix it, for a tokenizer or block size the model cannot take."""
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"--block_size {block_size} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}: lower it")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is "
+                         f"{config.vocab_size:,}: use the tokenizer that belongs to this config")
+
+
+def load_config_and_tokenizer(model_args, block_size: int) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, int]:
+    """Config, tokenizer and document separator, checked against each other; OSError/ValueError if unusable."""
+    config = load_config(model_args.model_name_or_path or model_args.config_name)
+    tokenizer = load_tokenizer(model_args.tokenizer_name)
+    check_compatible(config, tokenizer, block_size)
+    return config, tokenizer, document_separator(config)

@@ -1,0 +1,26 @@
+# make demo: set up .venv and run the whole pipeline on the offline sample (CPU, a few minutes)
+# make test: set up .venv and run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_VERSION := 2.13.0
+# A CPU-only machine that would otherwise download the CUDA build of torch can point this at a CPU wheel index.
+TORCH_INDEX_URL ?=
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: requirements.txt requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(BIN)/pip install --quiet -r requirements.txt -c requirements-lock.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh
+
+test: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) output/demo data/demo data/token_cache
