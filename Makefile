@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the whole pipeline on the offline sample (CPU, a few minutes)
 # make test: set up .venv and run the test suite
+# make setup: only set up .venv (for the real run on a GPU machine: README.md)
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_VERSION := 2.13.0
@@ -7,7 +8,9 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)

@@ -22,7 +22,7 @@ echo "== 4. pretrain through DeepSpeed ZeRO-2 (a rerun resumes from the last che
 PRESET=tiny TOKENIZER="$DEMO/tokenizer" TRAIN_FILE="$DEMO/train.jsonl" VALIDATION_FILE="$DEMO/val.jsonl" \
 OUTPUT_DIR="$OUT" bash pretrain.sh \
     --block_size 256 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
-    --max_steps 200 --warmup_steps 20 --learning_rate 3e-3 --gradient_checkpointing false \
+    --max_steps 200 --warmup_steps 20 --learning_rate 3e-3 --activation_checkpointing false \
     --logging_steps 10 --eval_steps 50 --save_steps 100 --max_eval_samples 32 --disable_tqdm true
 
 echo "== 5. sample from the checkpoint with stock transformers"

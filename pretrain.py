@@ -19,7 +19,7 @@ from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingAr
 from seqlm.callbacks import ThroughputCallback
 from seqlm.model import build_model, load_config_and_tokenizer
 from seqlm.token_cache import BlockDataset, build_token_cache
-from seqlm.tracking import start_swanlab
+from seqlm.tracking import start_swanlab, swanlab_mode
 
 log = logging.getLogger("pretrain")
 
@@ -50,7 +50,9 @@ def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTraini
 def main() -> None:
     model_args, data_args, training_args = parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=training_args.get_process_log_level(), handlers=[logging.StreamHandler(sys.stdout)])
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    for name in ("pretrain", "seqlm"):  # the story of the run, told once: by the first process
+        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
@@ -63,6 +65,7 @@ def main() -> None:
              + ("" if not set(missing) & set(data_args.validation_files) else "; --eval_strategy no trains without one"))
     try:
         config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
+        swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 
@@ -84,9 +87,9 @@ def main() -> None:
              f"{len(eval_dataset):,}" if eval_dataset is not None else "no")
 
     model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
-    if "swanlab" in training_args.report_to and training_args.process_index == 0:
+    if swanlab_run_mode and training_args.process_index == 0:
         start_swanlab(training_args.output_dir, training_args.run_name,
-                      config={**vars(model_args), **vars(data_args)})
+                      config={**vars(model_args), **vars(data_args)}, mode=swanlab_run_mode)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       processing_class=tokenizer, data_collator=default_data_collator)

@@ -12,10 +12,11 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 BOM = b"\xef\xbb\xbf"
 MAX_EXAMPLES = 5  # first line numbers kept per skip reason
+T = TypeVar("T")
 
 
 class BadLine(ValueError):
@@ -24,6 +25,10 @@ class BadLine(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class CorruptInput(IOError):
+    """A compressed input that cannot be read to its end."""
 
 
 def _tar_member(archive: tarfile.TarFile, path: Path) -> BinaryIO:
@@ -42,8 +47,16 @@ def open_corpus(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise FileNotFoundError(f"{path}: no such file")
     name = path.name
     if ".tar" in path.suffixes:
-        with tarfile.open(path, mode="r|*") as archive:
-            yield _tar_member(archive, path)
+        try:  # damage before the first .jsonl member shows here, before read_lines can see it
+            archive = tarfile.open(path, mode="r|*")
+        except (EOFError, tarfile.ReadError, zlib.error) as e:
+            raise CorruptInput(f"{path}: the archive is damaged or ends early ({e})") from None
+        with archive:
+            try:
+                member = _tar_member(archive, path)
+            except (EOFError, tarfile.ReadError, zlib.error) as e:
+                raise CorruptInput(f"{path}: the archive is damaged or ends early ({e})") from None
+            yield member
     elif name.endswith(".gz"):
         with gzip.open(path, "rb") as f:
             yield f
@@ -55,12 +68,8 @@ def open_corpus(path: str | os.PathLike) -> Iterator[BinaryIO]:
             yield f
 
 
-class CorruptInput(IOError):
-    """A compressed input that cannot be read to its end."""
-
-
-def parse_line(raw: bytes) -> str:
-    """Return the document text of one raw line, or raise BadLine saying why it is unusable."""
+def load_object(raw: bytes) -> dict:
+    """Decode one raw line into a JSON object, or raise BadLine saying why it is not one."""
     if raw.startswith(BOM):
         raw = raw[len(BOM):]
     if not raw.strip():
@@ -74,8 +83,26 @@ def parse_line(raw: bytes) -> str:
     except json.JSONDecodeError as e:
         reason = "truncated_line" if not raw.endswith(b"\n") else "invalid_json"
         raise BadLine(reason, str(e)) from None
+    except RecursionError:  # nesting too deep for the parser: not a document either
+        raise BadLine("invalid_json", "nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadLine("not_an_object", type(obj).__name__)
+    return obj
+
+
+def check_encodable(raw: bytes, text: str) -> None:
+    """Raise BadLine for a string of `raw` holding an escaped lone surrogate: it decodes, but cannot be encoded
+    (the tokenizer fails on it)."""
+    if b"\\ud" in raw or b"\\uD" in raw:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadLine("lone_surrogate", str(e)) from None
+
+
+def parse_line(raw: bytes) -> str:
+    """Return the document text of one raw line, or raise BadLine saying why it is unusable."""
+    obj = load_object(raw)
     if "text" not in obj:
         raise BadLine("missing_text")
     text = obj["text"]
@@ -83,6 +110,7 @@ def parse_line(raw: bytes) -> str:
         raise BadLine("text_not_a_string", type(text).__name__)
     if not text.strip():
         raise BadLine("empty_text")
+    check_encodable(raw, text)
     return text
 
 
@@ -111,26 +139,29 @@ class LineStats:
         return "\n".join(out)
 
 
-def read_lines(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: bool = False) -> Iterator[tuple[bytes, str]]:
-    """Yield (raw line, text) for each valid line; count the others in `stats`, or raise on the first if strict.
+def read_lines(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: bool = False,
+               parse: Callable[[bytes], T] = parse_line) -> Iterator[tuple[bytes, T]]:
+    """Yield (raw line, content) for each valid line; count the others in `stats`, or raise on the first if strict.
 
-    A truncated compressed stream is always an error: the lines before it were yielded already."""
+    `parse` turns a raw line into its content or raises BadLine: by default a document's text (seqlm.sft passes its
+    conversation parser); len() of a content is its size in characters. A truncated compressed stream is always an
+    error: the lines before it were yielded already."""
     lineno = 0
     try:
         for raw in f:
             lineno += 1
             stats.lines += 1
             try:
-                text = parse_line(raw)
+                content = parse(raw)
             except BadLine as e:
                 if strict:
                     raise BadLine(e.reason, f"{path}:{lineno}: {e} (rerun without --strict to skip bad lines)") from None
                 stats.skip(lineno, e.reason)
                 continue
             stats.valid += 1
-            stats.chars += len(text)
+            stats.chars += len(content)
             stats.bytes += len(raw)
-            yield raw, text
+            yield raw, content
     except (EOFError, tarfile.ReadError, OSError, zlib.error) as e:
         raise CorruptInput(f"{path}: the archive ends early or is damaged after line {lineno:,} ({e})") from None
 

@@ -20,6 +20,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(path)
+    _remove(tmp)  # left by a crashed process that had our pid (pids repeat, e.g. in a restarted container)
     try:
         yield tmp
         if tmp.is_file():
@@ -29,10 +30,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(path)  # a folder cannot be renamed onto a non-empty one; rebuilding replaces it
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 @contextmanager

@@ -65,4 +65,11 @@ def load_config_and_tokenizer(model_args, block_size: int) -> tuple[PretrainedCo
     config = load_config(model_args.model_name_or_path or model_args.config_name)
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     check_compatible(config, tokenizer, block_size)
-    return config, tokenizer, document_separator(config)
+    separator = document_separator(config)
+    if tokenizer.eos_token_id != separator:
+        # A pretrained model ends text where its documents ended. Left alone, the Trainer would instead rewrite the
+        # model's eos_token_id to the tokenizer's (<|im_end|> in the Qwen chat tokenizers) before training.
+        log.info("tokenizer eos_token %s -> %s, the document separator", tokenizer.eos_token,
+                 tokenizer.convert_ids_to_tokens(separator))
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(separator)
+    return config, tokenizer, separator

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
+from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -48,6 +49,9 @@ def make_subset(
         raise ValueError(f"--lines must be positive and --val-lines not negative (got {lines}, {val_lines})")
     if val_lines and val_output_path is None:
         raise ValueError("--val-lines needs a validation output path")
+    outputs = [Path(output_path).resolve()] + ([Path(val_output_path).resolve()] if val_lines else [])
+    if len(set(outputs)) < len(outputs) or Path(input_path).resolve() in outputs:
+        raise ValueError("the input, the output and the validation output must all be different files")
     wanted = lines + val_lines
 
     if sample:  # pass 1 counts the valid lines so that every line has the same chance

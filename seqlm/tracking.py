@@ -11,22 +11,26 @@ MODES = ("cloud", "local", "offline", "disabled")
 
 def swanlab_mode() -> str:
     """SWANLAB_MODE if set; else cloud with an API key, local when the dashboard is installed, offline otherwise."""
+    import swanlab
+
+    has_key = bool(swanlab.Settings().api_key)  # SWANLAB_API_KEY, or a `swanlab login` saved in .netrc
     mode = os.environ.get("SWANLAB_MODE")
-    if mode:
-        if mode not in MODES:
-            raise ValueError(f"SWANLAB_MODE={mode!r}: choose one of {', '.join(MODES)}")
-        return mode
-    if os.environ.get("SWANLAB_API_KEY"):
-        return "cloud"
-    return "local" if importlib.util.find_spec("swanboard") else "offline"
+    if not mode:
+        return "cloud" if has_key else "local" if importlib.util.find_spec("swanboard") else "offline"
+    if mode not in MODES:
+        raise ValueError(f"SWANLAB_MODE={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "cloud" and not has_key:
+        # swanlab would ask for a key on the terminal, and the other ranks would time out waiting.
+        raise ValueError("SWANLAB_MODE=cloud needs SWANLAB_API_KEY (or `swanlab login` once); "
+                         "or use SWANLAB_MODE=local / offline")
+    return mode
 
 
-def start_swanlab(output_dir: str, run_name: str | None, config: dict) -> str:
+def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str) -> str:
     """Start the run that transformers' SwanLabCallback then logs to (it cannot start one itself with swanlab
     0.10: its get_run() raises before init). Returns the log folder."""
     import swanlab
 
-    mode = swanlab_mode()
     log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(output_dir, "swanlog")
     swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "seq-monkey-pretrain"), name=run_name,
                  mode=mode, log_dir=log_dir, config=config)

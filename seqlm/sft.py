@@ -1,0 +1,348 @@
+"""Supervised fine-tuning data: conversations in the BELLE schema or the OpenAI `messages` schema, formatted as
+ChatML, tokenized once into a memory-mapped cache with the exact mask of the tokens to learn, and batched padded to
+the longest conversation of each batch.
+
+Format. Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`, role system, user or assistant: the format of
+Qwen's chat models. The loss is on each assistant content and its `<|im_end|>` (that is how the model learns to end
+its turn); every other label is -100. The ids are built turn by turn, so the mask is exact by construction; they
+equal the tokenization of the whole conversation rendered by `chat_template()` (the tests check it), which the
+fine-tuned model is saved with. Not the tokenizer's own template: the offline Qwen tokenizer is the Qwen3 release,
+whose template writes an empty `<think>\\n\\n</think>\\n\\n` into the last assistant turn, a reasoning format this
+model never learns.
+
+A cache folder (`<file>-sft-<key>` in the token cache folder) holds
+    tokens.bin         every conversation's ids, uint32
+    trained.bin        one byte per token: 1 where the loss applies
+    offsets.npy        int64, conversations + 1 entries: conversation i is tokens[offsets[i]:offsets[i + 1]]
+    first_trained.npy  int64, the position of each conversation's first trained token
+    manifest.json      what built it and what was skipped; written last, so a folder with a manifest is complete
+Truncation to max_length happens when reading, so one cache serves every length."""
+from __future__ import annotations
+
+import array
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from .corpus import BadLine, LineStats, check_encodable, load_object, open_corpus, read_lines
+from .fileio import atomic_output, file_lock
+from .token_cache import TOKEN_DTYPE, _prefetch, file_digest, tokenizer_digest
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BATCH_CONVERSATIONS = 512  # per encode_batch call, as in token_cache
+IGNORE_INDEX = -100
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+# (list key, role key, content key) of the two schemas, and the role names they use
+SCHEMAS = (("conversations", "from", "value"), ("messages", "role", "content"))
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MEGABATCH = 50  # batches whose conversations are sorted by length together (as transformers' LengthGroupedSampler)
+
+# ChatML; a default system prompt, when set, is baked in as `default_system`. Contents are trimmed, as parsing does.
+CHATML_TEMPLATE = r"""{%- set default_system = DEFAULT_SYSTEM -%}
+{%- for message in messages -%}
+{%- if loop.first and message.role != "system" and default_system -%}
+{{ "<|im_start|>system\n" + default_system + "<|im_end|>\n" }}
+{%- endif -%}
+{{ "<|im_start|>" + message.role + "\n" + (message.content | trim) + "<|im_end|>\n" }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{ "<|im_start|>assistant\n" }}
+{%- endif -%}"""
+
+
+def chat_template(system_prompt: str | None) -> str:
+    """The ChatML template, with `system_prompt` as the system turn of conversations that have none."""
+    return CHATML_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps((system_prompt or "").strip(), ensure_ascii=False))
+
+
+@dataclass
+class Conversation:
+    """Chat messages ({"role", "content"}), roles normalised to system/user/assistant, contents stripped, ending
+    with an assistant turn."""
+
+    messages: list[dict[str, str]]
+
+    def __len__(self) -> int:  # in characters, like len(text) of a document: what LineStats counts
+        return sum(len(m["content"]) for m in self.messages)
+
+
+def parse_conversation(raw: bytes) -> Conversation:
+    """One JSON line of `{"conversations": [{"from": "human"|"assistant", "value"}, ...]}` (BELLE; "gpt" and
+    "system" too) or `{"messages": [{"role", "content"}, ...]}`; raise BadLine saying why it is unusable. Turns
+    after the last assistant turn are dropped: nothing in them is learned."""
+    obj = load_object(raw)
+    schema = next((s for s in SCHEMAS if s[0] in obj), None)
+    if schema is None:
+        raise BadLine("missing_conversations", "no 'conversations' or 'messages' list")
+    turns_key, role_key, content_key = schema
+    turns = obj[turns_key]
+    if not isinstance(turns, list):
+        raise BadLine("conversations_not_a_list", type(turns).__name__)
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise BadLine("turn_not_an_object", type(turn).__name__)
+        role = ROLES.get(turn.get(role_key))
+        if role is None:
+            raise BadLine("unknown_role", repr(turn.get(role_key))[:40])
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            raise BadLine("content_not_a_string", type(content).__name__)
+        content = content.strip()
+        if not content:
+            raise BadLine("empty_turn", role)
+        check_encodable(raw, content)
+        messages.append({"role": role, "content": content})
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    if not messages:
+        raise BadLine("no_assistant_turn")
+    return Conversation(messages)
+
+
+class ChatMLEncoder:
+    """Token ids and loss mask of conversations, built turn by turn (module docstring)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None):
+        backend = tokenizer.backend_tokenizer
+        start, self.end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+        self.header = {role: [start, *backend.encode(f"{role}\n", add_special_tokens=False).ids]
+                       for role in ("system", "user", "assistant")}
+        self.newline = backend.encode("\n", add_special_tokens=False).ids
+        self.system = (system_prompt or "").strip()
+        # Text such as "<|im_end|>" inside a content is encoded as the special token, which would forge a turn.
+        self.first_added_id = min(tokenizer.added_tokens_decoder)
+        self._encode_batch = backend.encode_batch_fast  # ids only: no character offsets to compute
+
+    def messages(self, conversation: Conversation) -> list[dict[str, str]]:
+        """The messages as formatted, with the default system prompt where the conversation has none."""
+        if self.system and conversation.messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.system}, *conversation.messages]
+        return conversation.messages
+
+    def encode(self, conversations: list[Conversation]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """(ids, trained) of each conversation, trained 1 on the assistant contents and their <|im_end|>; None for a
+        conversation whose text holds a special token."""
+        dialogs = [self.messages(c) for c in conversations]
+        contents = iter(self._encode_batch([m["content"] for d in dialogs for m in d], add_special_tokens=False))
+        out = []
+        for dialog in dialogs:
+            ids: list[int] = []
+            trained: list[int] = []
+            clean = True
+            for message in dialog:
+                content = next(contents).ids
+                clean = clean and max(content) < self.first_added_id
+                header = self.header[message["role"]]
+                learn = int(message["role"] == "assistant")
+                ids += header + content + [self.end] + self.newline
+                trained += [0] * len(header) + [learn] * (len(content) + 1) + [0] * len(self.newline)
+            out.append((np.array(ids, dtype=TOKEN_DTYPE), np.array(trained, dtype=np.uint8)) if clean else None)
+        return out
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _conversations(source: Path, stats: LineStats, bar: tqdm) -> Iterator[Conversation]:
+    with open_corpus(source) as f:
+        for raw, conversation in read_lines(f, source, stats, parse=parse_conversation):
+            bar.update(len(raw))
+            yield conversation
+
+
+def _build(source: Path, folder: Path, encoder: ChatMLEncoder, manifest: dict) -> None:
+    folder.mkdir(parents=True)
+    stats, dropped = LineStats(), Counter()
+    lengths, first_trained = array.array("q"), array.array("q")  # 8 bytes a conversation, not a Python int each
+    num_trained, start = 0, time.perf_counter()
+    with open(folder / "tokens.bin", "wb") as tokens, open(folder / "trained.bin", "wb") as trained_out, \
+            tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {source.name}",
+                 mininterval=1) as bar:
+        for batch in _prefetch(_chunks(_conversations(source, stats, bar), BATCH_CONVERSATIONS)):
+            encoded = [e for e in encoder.encode(batch) if e is not None]
+            dropped["special_token_in_text"] += len(batch) - len(encoded)
+            if not encoded:
+                continue
+            tokens.write(np.concatenate([ids for ids, _ in encoded]).tobytes())
+            mask = np.concatenate([trained for _, trained in encoded])
+            trained_out.write(mask.tobytes())
+            num_trained += int(mask.sum())
+            lengths.extend(len(ids) for ids, _ in encoded)
+            first_trained.extend(int(trained.argmax()) for _, trained in encoded)
+    skipped = {**stats.skipped, **{k: v for k, v in dropped.items() if v}}
+    if not lengths:
+        raise ValueError(f"{source}: no usable conversation ({stats.lines:,} lines; skipped: {skipped or 'none'})")
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=offsets[1:])
+    np.save(folder / "offsets.npy", offsets)
+    np.save(folder / "first_trained.npy", np.frombuffer(first_trained, dtype=np.int64))
+    manifest.update(conversations=len(lengths), num_tokens=int(offsets[-1]), trained_tokens=num_trained,
+                    skipped=skipped, seconds=round(time.perf_counter() - start, 1))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"tokenized {source}: {len(lengths):,} conversations, {offsets[-1]:,} tokens, {num_trained:,} of them "
+          f"trained on ({offsets[-1] / max(manifest['seconds'], 1e-9):,.0f} tokens/s)")
+    for reason, count in Counter(skipped).most_common():
+        print(f"  skipped {count:,} {reason}")
+
+
+def build_sft_cache(source: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None,
+                    cache_root: str | os.PathLike) -> Path:
+    """Return the cache folder of the conversations in `source`, tokenizing them first unless a complete one exists.
+    Safe to call from many processes at once: one builds, the others wait and reuse it."""
+    source, cache_root = Path(source), Path(cache_root)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    template = chat_template(system_prompt)
+    source_digest, tok_digest = file_digest(source), tokenizer_digest(tokenizer)
+    settings = json.dumps([FORMAT_VERSION, source_digest, tok_digest, template, np.dtype(TOKEN_DTYPE).str])
+    folder = cache_root / f"{source.name}-sft-{hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()}"
+    if not (folder / "manifest.json").is_file():
+        with file_lock(cache_root / f".{folder.name}.lock"):
+            if not (folder / "manifest.json").is_file():  # another process may have built it while we waited
+                manifest = dict(format=FORMAT_VERSION, source=str(source.resolve()), source_digest=source_digest,
+                                tokenizer=tokenizer.name_or_path, tokenizer_digest=tok_digest,
+                                system_prompt=system_prompt or "", token_dtype=np.dtype(TOKEN_DTYPE).name)
+                with atomic_output(folder) as tmp:
+                    _build(source, tmp, ChatMLEncoder(tokenizer, system_prompt), manifest)
+    return folder
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """The tokenized conversations of one or more cache folders, each cut to its first `max_length` tokens. One left
+    with no trained token is skipped (and counted). Map-style: the Trainer's sampler orders it from the seed, and a
+    resumed run skips ahead without reading data."""
+
+    def __init__(self, folders: list[str | os.PathLike], max_length: int):
+        self.folders = [Path(f) for f in folders]
+        sources, starts, lengths = [], [], []
+        self.conversations = self.truncated = self.skipped = 0
+        for i, folder in enumerate(self.folders):
+            offsets = np.load(folder / "offsets.npy")
+            full = np.diff(offsets)
+            keep = np.load(folder / "first_trained.npy") < max_length
+            self.conversations += len(full)
+            self.skipped += int((~keep).sum())
+            self.truncated += int((full[keep] > max_length).sum())
+            sources.append(np.full(int(keep.sum()), i, dtype=np.int32))
+            starts.append(offsets[:-1][keep])
+            lengths.append(np.minimum(full[keep], max_length))
+        self.sources, self.starts = np.concatenate(sources), np.concatenate(starts)
+        self.lengths = np.concatenate(lengths)
+        if len(self.lengths) == 0:
+            raise ValueError(f"{', '.join(map(str, self.folders))}: no conversation has an assistant token within "
+                             f"the first {max_length} tokens: raise --max_length")
+        self._arrays: list[tuple[np.memmap, np.memmap]] | None = None  # opened lazily, not pickled into workers
+
+    def summary(self) -> str:
+        return (f"{len(self):,} conversations ({int(self.lengths.sum()):,} tokens); {self.truncated:,} cut to "
+                f"max_length, {self.skipped:,} skipped with no assistant token within it")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self._arrays is None:
+            self._arrays = [(np.memmap(f / "tokens.bin", dtype=TOKEN_DTYPE, mode="r"),
+                             np.memmap(f / "trained.bin", dtype=np.uint8, mode="r")) for f in self.folders]
+        tokens, trained = self._arrays[self.sources[i]]
+        span = slice(self.starts[i], self.starts[i] + self.lengths[i])
+        ids = torch.from_numpy(tokens[span].astype(np.int64))
+        labels = ids.masked_fill(torch.from_numpy(trained[span] == 0), IGNORE_INDEX)
+        return {"input_ids": ids, "labels": labels}
+
+
+@dataclass
+class PadToLongest:
+    """Collate conversations padded to the longest of the batch: pad id, attention mask 0 and label -100 there."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        shape = (len(features), max(len(f["input_ids"]) for f in features))
+        batch = {"input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(shape, dtype=torch.long),
+                 "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long)}
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][row, :n] = f["input_ids"]
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = f["labels"]
+        return batch
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """A random order in which runs of similar length follow each other, so little of a batch is padding: shuffle,
+    cut into megabatches of MEGABATCH groups, sort each by length (the longest first, so an out-of-memory shows at
+    once). Seeded by seed and epoch only: a resumed run continues the same order, and every rank draws the same
+    (transformers' own sampler draws from the global random state)."""
+
+    def __init__(self, lengths: np.ndarray, group_size: int, seed: int):
+        self.lengths, self.seed, self.epoch = lengths, seed, 0
+        self.megabatch = group_size * max(1, min(MEGABATCH, len(lengths) // (4 * group_size)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        groups = [g[np.argsort(-self.lengths[g], kind="stable")]
+                  for g in np.split(order, range(self.megabatch, len(order), self.megabatch))]
+        longest = max(range(len(groups)), key=lambda k: self.lengths[groups[k][0]])
+        groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+        return iter(np.concatenate(groups).tolist())
+
+
+class SFTTrainer(Trainer):
+    """The Trainer, with LengthGroupedSampler for --train_sampling_strategy group_by_length."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, ConversationDataset):
+            return super()._get_train_sampler(train_dataset)
+        group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthGroupedSampler(dataset.lengths, group, self.args.data_seed or self.args.seed)
+
+
+def prepare_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> None:
+    """Make `tokenizer` the fine-tuned model's: the ChatML template and <|im_end|> as eos_token, so that generation
+    ends with the assistant's turn. The pad token stays <|endoftext|> (never a label: those are -100)."""
+    missing = [t for t in (IM_START, IM_END, END_OF_TEXT) if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"the tokenizer has no {' '.join(missing)}: the ChatML format needs the Qwen tokenizer")
+    tokenizer.chat_template = chat_template(system_prompt)
+    tokenizer.eos_token = IM_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = END_OF_TEXT
+
+
+def set_chat_eos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Generation stops at <|im_end|> (end of turn) or <|endoftext|> (end of document, what pretraining taught).
+    Set here, not left to the Trainer's align_special_tokens, so that the saved configs do not depend on it."""
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids([IM_END, END_OF_TEXT])
+    model.config.eos_token_id = end_of_turn
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [end_of_turn, end_of_text]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id

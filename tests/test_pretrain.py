@@ -1,0 +1,196 @@
+"""pretrain.sh end to end on CPU: the real DeepSpeed launcher and ZeRO-2, the real Qwen tokenizer, real Chinese text,
+swanlab in offline mode, and checkpoints reloaded by stock transformers."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
+
+from seqlm.demo import copy_offline_tokenizer, demo_documents
+from seqlm.model import load_config
+from seqlm.token_cache import BlockDataset, TokenCache
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK = 128
+TINY_RUN = ["--block_size", str(BLOCK), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--learning_rate", "3e-3", "--warmup_steps", "5", "--activation_checkpointing", "false",
+            "--logging_steps", "5", "--disable_tqdm", "true"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    docs = list(demo_documents())
+    copy_offline_tokenizer(root / "tokenizer")
+    return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
+                train=write_jsonl(root / "train.jsonl", docs[:300]),
+                val=write_jsonl(root / "val.jsonl", docs[300:330]),
+                small=write_jsonl(root / "small.jsonl", docs[400:440]))
+
+
+def pretrain_sh(data, output_dir: Path, *args: str, preset="tiny", train=None, ranks=1, swanlab="offline"):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PRESET": preset, "TOKENIZER": str(data["tokenizer"]), "TRAIN_FILE": str(train or data["train"]),
+           "VALIDATION_FILE": str(data["val"]), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
+           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": swanlab}
+    env.pop("OMP_NUM_THREADS", None)
+    result = subprocess.run(["bash", str(REPO / "pretrain.sh"), "--token_cache_dir", str(data["cache"]), *args],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def trainer_state(output_dir: Path) -> dict:
+    return json.loads((output_dir / "trainer_state.json").read_text())
+
+
+def swanlab_runs(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "swanlog").glob("run-*"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_steps", "15",
+                      "--save_steps", "15", "--max_eval_samples", "16")
+    return out, log
+
+
+def test_training_lowers_held_out_loss(trained):
+    out, log = trained
+    evals = [h["eval_loss"] for h in trainer_state(out)["log_history"] if "eval_loss" in h]
+    assert abs(evals[0] - math.log(151936)) < 0.5  # random init: uniform over the vocabulary
+    assert evals[-1] < evals[0] - 2.0
+    assert "tokens_per_second" in log and "eval_perplexity" in log
+
+
+def test_one_swanlab_run_written_offline(trained):
+    out, _ = trained
+    runs = swanlab_runs(out)
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.swanlab")), "the run holds no swanlab record"
+
+
+def test_checkpoint_reloads_in_stock_transformers(trained):
+    out, _ = trained
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # Documents ended with <|endoftext|>, so must generation: not the chat tokenizer's <|im_end|>.
+    assert model.config.eos_token_id == 151643 and tokenizer.eos_token == "<|endoftext|>"
+    generated = pipeline("text-generation", model=model, tokenizer=tokenizer)("中国", max_new_tokens=8, do_sample=False)
+    assert len(tokenizer(generated[0]["generated_text"])["input_ids"]) > len(tokenizer("中国")["input_ids"])
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained, data):
+    out, _ = trained
+    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "40", "--eval_steps", "15", "--save_steps", "15",
+                      "--max_eval_samples", "16")
+    assert f"resuming from {out}/checkpoint-30" in log
+    history = trainer_state(out)["log_history"]
+    train_steps = [h["step"] for h in history if "loss" in h]
+    assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]  # continued, not restarted
+    assert trainer_state(out)["global_step"] == 40
+
+
+def test_two_ranks_see_each_block_once_per_epoch(data, tmp_path):
+    out = tmp_path / "out"
+    pretrain_sh(data, out, *TINY_RUN, "--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy",
+                      "no", train=data["small"], ranks=2)
+    cache = next(p for p in data["cache"].iterdir() if p.name.startswith("small.jsonl-"))
+    blocks = len(BlockDataset(cache, BLOCK))
+    per_step = 2 * 4
+    state = trainer_state(out)
+    assert state["global_step"] == math.ceil(blocks / per_step)  # one rank alone would take twice the steps
+    seen = max(h.get("num_input_tokens_seen", 0) for h in state["log_history"])
+    # Every block once; the distributed sampler may repeat a few to make the last global batch whole.
+    assert blocks * BLOCK <= seen < (blocks + per_step) * BLOCK
+    assert len(swanlab_runs(out)) == 1
+
+
+def test_real_qwen25_05b_takes_a_step(data, tmp_path):
+    out = tmp_path / "out"
+    log = pretrain_sh(data, out, "--block_size", "128", "--per_device_train_batch_size", "1",
+                      "--gradient_accumulation_steps", "1", "--max_steps", "1", "--eval_strategy", "no",
+                      "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+                      preset="qwen2.5-0.5b", train=data["val"])
+    assert "494,032,768 parameters" in log
+    loss = next(h["train_loss"] for h in trainer_state(out)["log_history"] if "train_loss" in h)
+    assert abs(loss - math.log(151936)) < 1.0
+    assert (out / "model.safetensors").stat().st_size > 494_032_768 * 4 * 0.99
+
+
+def test_ds_config_autos_are_filled_from_training_arguments(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(REPO / "ds_config_zero2.json"), use_cpu=True,
+                             per_device_train_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.5)
+    config = args.hf_deepspeed_config.config
+    assert config["zero_optimization"]["stage"] == 2
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"], config["gradient_clipping"]) == (3, 5, 15, 0.5)
+    assert "optimizer" not in config and "scheduler" not in config  # HF's AdamW + cosine; no FusedAdam JIT build
+
+
+def test_ds_config_contradicting_the_flags_is_rejected(tmp_path):
+    config = json.loads((REPO / "ds_config_zero2.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 8
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"), use_cpu=True,
+                             per_device_train_batch_size=3)
+    model = AutoModelForCausalLM.from_config(load_config("tiny"))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
+        args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
+
+
+def run_pretrain_py(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, **env})
+
+
+def test_missing_corpus_names_the_commands_that_make_it(tmp_path):
+    result = run_pretrain_py("--train_files", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "make_subset.py" in result.stdout and "nope.jsonl" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_block_size_beyond_the_model_is_refused(data, tmp_path):
+    result = run_pretrain_py("--config_name", "tiny", "--tokenizer_name", str(data["tokenizer"]), "--train_files",
+                             str(data["train"]), "--validation_files", str(data["val"]), "--block_size", "4096",
+                             "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "max_position_embeddings 2048" in result.stdout
+
+
+def test_token_cache_is_shared_by_runs(trained, data):
+    # The training run built one cache per file; the rerun and the evaluation reused them.
+    names = sorted(p.name.split("-")[0] for p in data["cache"].iterdir() if (p / "manifest.json").is_file())
+    assert names.count("train.jsonl") == 1 and names.count("val.jsonl") == 1
+    cache = TokenCache(next(p for p in data["cache"].iterdir() if p.name.startswith("train.jsonl-")))
+    assert cache.manifest["separator_id"] == 151643
+
+
+def test_swanlab_cloud_without_a_key_fails_before_training(data, tmp_path):
+    # Without this check swanlab would prompt for a key on rank 0 while the other ranks time out.
+    env = {k: v for k, v in os.environ.items() if k != "SWANLAB_API_KEY"}
+    result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config_name", "tiny", "--tokenizer_name",
+                             str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files",
+                             str(data["val"]), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={**env, "SWANLAB_MODE": "cloud", "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "SWANLAB_MODE=cloud needs SWANLAB_API_KEY" in result.stdout
