@@ -27,5 +27,16 @@ else
     LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 fi
 
+# A token among the arguments would be printed by the launcher and visible in `ps` on every node: huggingface_hub
+# reads it from the environment instead.
+SCRIPT_ARGS=()
+for ((i = 2; i <= $#; i++)); do
+    case ${!i} in
+        --hub_token) ((i++)); export HF_TOKEN=${!i} ;;
+        --hub_token=*) export HF_TOKEN=${!i#*=} ;;
+        *) SCRIPT_ARGS+=("${!i}") ;;
+    esac
+done
+
 set -x
-exec "${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${@:2}"  # device flags first: the caller's flags win
+exec "${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${SCRIPT_ARGS[@]}"  # device flags first: the caller's flags win

@@ -8,18 +8,25 @@ parse → check inputs → tokenize once (cached) → model → Trainer → trai
 import logging
 import os
 import sys
-from pathlib import Path
 
 import transformers
 from torch.utils.data import ConcatDataset, Subset
-from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, default_data_collator, set_seed
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
-from seqlm.callbacks import ThroughputCallback
 from seqlm.model import build_model, load_config_and_tokenizer
+from seqlm.preflight import (
+    check_disk,
+    check_ds_config,
+    check_readable,
+    check_same_run,
+    run_settings,
+    save_run_settings,
+)
+from seqlm.resume import latest_complete_checkpoint
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import start_swanlab, swanlab_mode
+from seqlm.trainer import NonFiniteLoss, SafeTrainer
 
 log = logging.getLogger("pretrain")
 
@@ -56,22 +63,26 @@ def main() -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
-    # Inputs are checked first: a typo must not cost a model build or an hour of tokenizing.
-    needed = data_args.train_files + (data_args.validation_files if evaluating else [])
-    missing = [f for f in needed if not Path(f).is_file()]
-    if missing:
-        fail(f"no corpus file {', '.join(missing)}: make it with `python download_dataset.py && python "
-             f"make_subset.py` (or `make demo` for the offline sample), or pass --train_files / --validation_files"
-             + ("" if not set(missing) & set(data_args.validation_files) else "; --eval_strategy no trains without one"))
+    # Everything is checked first: a typo must not cost a model build or an hour of tokenizing.
     try:
+        check_readable(data_args.train_files + (data_args.validation_files if evaluating else []), hint=(
+            "make it with `python download_dataset.py && python make_subset.py` (or `make demo` for the offline "
+            "sample), or pass --train_files / --validation_files (or --eval_strategy no to train without one)"))
+        check_ds_config(training_args)
         config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
+        settings = run_settings(config, data_args, training_args)
+        check_same_run(training_args.output_dir, settings)
+        check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
+                   training_args.output_dir)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
+    if training_args.hub_token:  # huggingface_hub reads it from the environment; saved arguments must not hold it
+        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
 
     last_checkpoint = None
-    if training_args.do_train and training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    if training_args.do_train and training_args.resume_from_checkpoint is None:
+        last_checkpoint = latest_complete_checkpoint(training_args.output_dir)
         if last_checkpoint:
             log.info("resuming from %s", last_checkpoint)
     set_seed(training_args.seed)
@@ -87,16 +98,20 @@ def main() -> None:
              f"{len(eval_dataset):,}" if eval_dataset is not None else "no")
 
     model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
+    if training_args.process_index == 0:
+        save_run_settings(training_args.output_dir, settings)
     if swanlab_run_mode and training_args.process_index == 0:
         start_swanlab(training_args.output_dir, training_args.run_name,
                       config={**vars(model_args), **vars(data_args)}, mode=swanlab_run_mode)
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      processing_class=tokenizer, data_collator=default_data_collator)
-    trainer.callback_handler.callbacks.insert(0, ThroughputCallback())
+    trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, data_collator=default_data_collator)
 
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        try:
+            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        except NonFiniteLoss as e:
+            fail(str(e))
         trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

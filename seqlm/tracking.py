@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+from pathlib import Path
+
+from .fileio import atomic_output
 
 log = logging.getLogger(__name__)
 MODES = ("cloud", "local", "offline", "disabled")
@@ -28,12 +32,17 @@ def swanlab_mode() -> str:
 
 def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str) -> str:
     """Start the run that transformers' SwanLabCallback then logs to (it cannot start one itself with swanlab
-    0.10: its get_run() raises before init). Returns the log folder."""
+    0.10: its get_run() raises before init). A rerun in the same output dir continues the same run id. Returns the
+    log folder."""
     import swanlab
 
     log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(output_dir, "swanlog")
-    swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "seq-monkey-pretrain"), name=run_name,
-                 mode=mode, log_dir=log_dir, config=config)
-    log.info("swanlab %s run, logs in %s%s", mode, log_dir,
+    saved = Path(output_dir) / "swanlab_run.json"
+    run_id = os.environ.get("SWANLAB_RUN_ID") or (json.loads(saved.read_text())["id"] if saved.is_file() else None)
+    run = swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "seq-monkey-pretrain"), name=run_name, mode=mode,
+                       log_dir=log_dir, config=config, id=run_id, resume="allow" if run_id else None)
+    with atomic_output(saved) as tmp:
+        tmp.write_text(json.dumps({"id": run.id, "mode": mode, "log_dir": log_dir}) + "\n")
+    log.info("swanlab %s run %s%s, logs in %s%s", mode, run.id, " (continued)" if run_id else "", log_dir,
              f" (view: swanlab watch {log_dir})" if mode == "local" else "")
     return log_dir

@@ -9,8 +9,8 @@ import gzip
 import io
 import itertools
 import json
-import tarfile
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -91,3 +91,22 @@ def _build_corpus_archive(source: Path, kind: str) -> Path:
 def build_corpus_archive():
     """build_corpus_archive(jsonl_path, kind) -> path of the archive, kind: "tar.bz2", "tar.gz", "jsonl.gz" or "jsonl.bz2"."""
     return _build_corpus_archive
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data (test_pretrain, test_reliability); the helpers that launch pretrain.sh are in helpers.py.
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (40)."""
+    from helpers import write_jsonl
+
+    from seqlm.demo import copy_offline_tokenizer, demo_documents
+
+    root = tmp_path_factory.mktemp("data")
+    docs = list(demo_documents())
+    copy_offline_tokenizer(root / "tokenizer")
+    return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
+                train=write_jsonl(root / "train.jsonl", docs[:300]),
+                val=write_jsonl(root / "val.jsonl", docs[300:330]),
+                small=write_jsonl(root / "small.jsonl", docs[400:440]))

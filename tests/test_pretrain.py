@@ -3,65 +3,20 @@ swanlab in offline mode, and checkpoints reloaded by stock transformers."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
+from helpers import BLOCK, REPO, TINY_RUN, pretrain_sh, swanlab_runs, trainer_state
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    TrainingArguments,
+    pipeline,
+)
 
-from seqlm.demo import copy_offline_tokenizer, demo_documents
 from seqlm.model import load_config
 from seqlm.token_cache import BlockDataset, TokenCache
-
-REPO = Path(__file__).resolve().parent.parent
-BLOCK = 128
-TINY_RUN = ["--block_size", str(BLOCK), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--learning_rate", "3e-3", "--warmup_steps", "5", "--activation_checkpointing", "false",
-            "--logging_steps", "5", "--disable_tqdm", "true"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_jsonl(path: Path, texts) -> Path:
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    docs = list(demo_documents())
-    copy_offline_tokenizer(root / "tokenizer")
-    return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
-                train=write_jsonl(root / "train.jsonl", docs[:300]),
-                val=write_jsonl(root / "val.jsonl", docs[300:330]),
-                small=write_jsonl(root / "small.jsonl", docs[400:440]))
-
-
-def pretrain_sh(data, output_dir: Path, *args: str, preset="tiny", train=None, ranks=1, swanlab="offline"):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PRESET": preset, "TOKENIZER": str(data["tokenizer"]), "TRAIN_FILE": str(train or data["train"]),
-           "VALIDATION_FILE": str(data["val"]), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
-           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": swanlab}
-    env.pop("OMP_NUM_THREADS", None)
-    result = subprocess.run(["bash", str(REPO / "pretrain.sh"), "--token_cache_dir", str(data["cache"]), *args],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def trainer_state(output_dir: Path) -> dict:
-    return json.loads((output_dir / "trainer_state.json").read_text())
-
-
-def swanlab_runs(output_dir: Path) -> list[Path]:
-    return sorted((output_dir / "swanlog").glob("run-*"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""Fault injection: kill -9 a tiny CPU pretraining run at random moments, many times (about half of them while a
+checkpoint is being written), rerun the same `bash pretrain.sh` after each kill, and compare the finished run with an
+uninterrupted one: every logged loss and every final weight must be equal.
+
+    python bench/killtest.py --kills 20 --out output/killtest     # ≈ 10 minutes on 2 CPU cores
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from helpers import TINY_RUN, pretrain_command, write_jsonl  # noqa: E402  (the tests' launcher helpers)
+
+from seqlm.demo import copy_offline_tokenizer, demo_documents  # noqa: E402
+from seqlm.resume import MARKER, latest_complete_checkpoint  # noqa: E402
+
+
+def start(data, out: Path, args: list[str]) -> subprocess.Popen:
+    command, env = pretrain_command(data, out, *args)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition) -> bool:
+    """kill -9 the whole process tree once condition() holds; False if the run ended first."""
+    while proc.poll() is None:
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def saving(out: Path):
+    """A condition: a checkpoint folder has appeared that is not complete yet."""
+    before = {p.name for p in out.glob("checkpoint-*")}
+    return lambda: any(p.name not in before and not (p / MARKER).exists() for p in out.glob("checkpoint-*"))
+
+
+def after(seconds: float):
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() > deadline
+
+
+def losses(out: Path) -> dict[int, float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--steps", type=int, default=300, help="long enough that the run outlives every kill")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "output" / "killtest")
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    root = args.out
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = write_jsonl(root / "train.jsonl", list(demo_documents())[:300])
+    data = dict(tokenizer=root / "tokenizer", cache=root / "token_cache", train=corpus, val=corpus)
+    if not data["tokenizer"].is_dir():
+        copy_offline_tokenizer(data["tokenizer"])
+    run = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--report_to", "none",
+           "--max_steps", str(args.steps)]
+
+    reference = root / "reference"
+    if not (reference / "model.safetensors").exists():
+        start(data, reference, run).wait()
+    interrupted = root / "interrupted"
+    shutil.rmtree(interrupted, ignore_errors=True)
+    kills = []
+    while len(kills) < args.kills:
+        proc = start(data, interrupted, run)
+        # Half the kills land while a checkpoint is being written; the others at any moment, startup included.
+        how = "during a save" if rng.random() < 0.5 else "at a random moment"
+        if not kill_when(proc, saving(interrupted) if how == "during a save" else after(rng.uniform(2, 40))):
+            break  # the run finished before this kill: --steps is too small for --kills
+        kills.append(how)
+        print(f"kill {len(kills)}: {how}; resumes from {latest_complete_checkpoint(interrupted)}", flush=True)
+    finished = start(data, interrupted, run).wait() == 0
+
+    ours, theirs = load_file(interrupted / "model.safetensors"), load_file(reference / "model.safetensors")
+    same_weights = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    same_losses = losses(interrupted) == losses(reference)
+    result = dict(kills=len(kills), during_save=kills.count("during a save"), finished=finished, steps=args.steps,
+                  same_losses=same_losses, same_weights=same_weights)
+    print(json.dumps(result))
+    return 0 if finished and same_losses and same_weights else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Checks that run before any heavy work. Each failure is a ValueError of one line: what is wrong, and the fix."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .fileio import atomic_output
+from .resume import checkpoints
+
+SETTINGS_FILE = "run_settings.json"
+# What a checkpoint's meaning depends on: resuming with any of these changed would silently mix two runs.
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+BATCH_KEYS = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+              "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}
+CHECKPOINT_BYTES_PER_PARAMETER = 20  # fp32 weights (4) + ZeRO's fp32 master copy and Adam moments (12) + 16-bit copy
+
+
+def check_readable(files: list[str], hint: str) -> None:
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"no corpus file {f}: {hint}")
+        if not os.access(f, os.R_OK):
+            raise ValueError(f"cannot read {f}: check its permissions")
+
+
+def check_ds_config(training_args) -> None:
+    """A number in the ds config that contradicts a Trainer flag would only fail after the model is built."""
+    if not training_args.deepspeed:
+        return
+    config = training_args.deepspeed
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text())
+    for ds_key, flag in BATCH_KEYS.items():
+        value = config.get(ds_key, "auto")
+        if value != "auto" and value != getattr(training_args, flag):
+            raise ValueError(f"the DeepSpeed config sets {ds_key}={value} but --{flag} is "
+                             f"{getattr(training_args, flag)}: set it to \"auto\" in the ds config")
+
+
+def run_settings(config: PretrainedConfig, data_args, training_args) -> dict:
+    return {"architecture": {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS},
+            "train_files": [str(Path(f).resolve()) for f in data_args.train_files],
+            "block_size": data_args.block_size,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "world_size": training_args.world_size, "seed": training_args.seed}
+
+
+def check_same_run(output_dir: str, settings: dict) -> None:
+    """Refuse to resume checkpoints written with other settings; otherwise record these for the next rerun."""
+    saved = Path(output_dir) / SETTINGS_FILE
+    if checkpoints(output_dir) and saved.is_file():
+        before = json.loads(saved.read_text())
+        changed = [k for k in settings if before.get(k) != settings[k]]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"{output_dir} holds checkpoints of a run with other settings ({k}: {before.get(k)} "
+                             f"then, {settings[k]} now): use another --output_dir, or the same settings to resume")
+
+
+def save_run_settings(output_dir: str, settings: dict) -> None:
+    with atomic_output(Path(output_dir) / SETTINGS_FILE) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def parameter_count(config: PretrainedConfig) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return AutoModelForCausalLM.from_config(config).num_parameters()
+
+
+def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    folder = Path(folder)
+    while not folder.exists():  # the output dir may not exist yet: measure the disk it will be on
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"{what} needs about {needed / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free on "
+                         f"{folder}: free some space or choose another location")
+
+
+def check_disk(config: PretrainedConfig, corpora: list[str], token_cache_dir: str, output_dir: str) -> None:
+    """Room to tokenize the corpora not cached yet (a cache is about the size of its JSON Lines source) and to write
+    the next checkpoint."""
+    uncached = [Path(f) for f in corpora
+                if Path(f).is_file() and not any(Path(token_cache_dir).glob(f"{Path(f).name}-*/manifest.json"))]
+    check_disk_space(token_cache_dir, sum(f.stat().st_size for f in uncached), "the token cache")
+    check_disk_space(output_dir, CHECKPOINT_BYTES_PER_PARAMETER * parameter_count(config), "the next checkpoint")
