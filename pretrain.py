@@ -7,43 +7,20 @@ parse → check inputs → tokenize once (cached) → model → Trainer → trai
 """
 import logging
 import os
-import sys
 
-import transformers
 from torch.utils.data import ConcatDataset, Subset
-from transformers import HfArgumentParser, default_data_collator, set_seed
+from transformers import default_data_collator, set_seed
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
 from seqlm.model import build_model, load_config_and_tokenizer
-from seqlm.preflight import (
-    check_disk,
-    check_ds_config,
-    check_readable,
-    check_same_run,
-    run_settings,
-    save_run_settings,
-)
-from seqlm.resume import latest_complete_checkpoint
+from seqlm.preflight import (check_disk, check_ds_config, check_readable, check_same_run, run_settings,
+                              save_run_settings)
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import start_swanlab, swanlab_mode
-from seqlm.trainer import NonFiniteLoss, SafeTrainer
+from seqlm.trainer import SafeTrainer
+from seqlm.training import checkpoint_to_resume, fail, parse_args, setup_logging, train_and_evaluate
 
 log = logging.getLogger("pretrain")
-
-
-def fail(message: str) -> None:
-    """Bad input stops the run before any heavy work, with one line that says what and how to fix it."""
-    log.error(message)
-    sys.exit(2)
-
-
-def parse_args() -> tuple[ModelArguments, DataTrainingArguments, PretrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PretrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
 
 
 def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTrainingArguments, training_args):
@@ -55,12 +32,8 @@ def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTraini
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    for name in ("pretrain", "seqlm"):  # the story of the run, told once: by the first process
-        logging.getLogger(name).setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    model_args, data_args, training_args = parse_args((ModelArguments, DataTrainingArguments, PretrainingArguments))
+    setup_logging(training_args)
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
     # Everything is checked first: a typo must not cost a model build or an hour of tokenizing.
@@ -80,11 +53,7 @@ def main() -> None:
     if training_args.hub_token:  # huggingface_hub reads it from the environment; saved arguments must not hold it
         os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
 
-    last_checkpoint = None
-    if training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = latest_complete_checkpoint(training_args.output_dir)
-        if last_checkpoint:
-            log.info("resuming from %s", last_checkpoint)
+    resume_from = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
     train_dataset = blocks(data_args.train_files, tokenizer, separator_id, data_args, training_args)
@@ -105,23 +74,10 @@ def main() -> None:
                       config={**vars(model_args), **vars(data_args)}, mode=swanlab_run_mode)
 
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, data_collator=default_data_collator)
+                          processing_class=tokenizer, data_collator=default_data_collator,
+                          seq_len=data_args.block_size)
 
-    if training_args.do_train:
-        try:
-            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        except NonFiniteLoss as e:
-            fail(str(e))
-        trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if evaluating:
-        metrics = trainer.evaluate()  # ThroughputCallback adds eval_perplexity
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    if training_args.process_index == 0:
-        log.info("model saved in %s", training_args.output_dir)
+    train_and_evaluate(trainer, training_args, evaluating, resume_from)
 
 
 if __name__ == "__main__":

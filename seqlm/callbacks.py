@@ -6,20 +6,26 @@ import time
 
 from transformers import TrainerCallback
 
+from .flops import device_peak_tflops, flops_per_token
+
 
 class ThroughputCallback(TrainerCallback):
-    """Adds tokens/s (over the last logging interval, all devices and per device) to training logs, and
-    perplexity to evaluation logs. Must be first in the callback list so printers and loggers see its keys."""
+    """Adds tokens/s (over the last logging interval, all devices and per device) and MFU to training logs, and
+    perplexity to evaluation logs, when the Trainer's log() passes them through `add_to` (a callback's on_log comes
+    too late: the Trainer has already stored the entry in its history). MFU needs the sequence length and a peak
+    (given, or known for the GPU: seqlm.flops)."""
 
-    def __init__(self):
+    def __init__(self, seq_len: int | None = None, peak_tflops: float | None = None):
+        self.seq_len, self.peak_tflops = seq_len, peak_tflops or device_peak_tflops()
         self._last: tuple[float, int] | None = None
+        self._flops_per_token: float | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        if model is not None and self.seq_len and self.peak_tflops:
+            self._flops_per_token = flops_per_token(model, self.seq_len)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
+    def add_to(self, logs: dict, state, args) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         if "loss" in logs and self._last is not None:
@@ -28,6 +34,9 @@ class ThroughputCallback(TrainerCallback):
             if seconds > 0 and tokens > self._last[1]:
                 logs["tokens_per_second"] = round((tokens - self._last[1]) / seconds)
                 logs["tokens_per_second_per_device"] = round(logs["tokens_per_second"] / args.world_size)
+                if self._flops_per_token:
+                    logs["mfu"] = round(logs["tokens_per_second_per_device"] * self._flops_per_token
+                                        / (self.peak_tflops * 1e12), 4)
             self._last = (now, tokens)
 
     def on_evaluate(self, args, state, control, **kwargs):

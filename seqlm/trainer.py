@@ -14,10 +14,16 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class SafeTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, seq_len: int | None = None, **kwargs):
+        """seq_len: tokens per training sequence, for the MFU estimate."""
         super().__init__(*args, **kwargs)
         make_checkpoints_crash_safe(self)
-        self.callback_handler.callbacks.insert(0, ThroughputCallback())  # first, so printers and loggers see its keys
+        self.throughput = ThroughputCallback(seq_len, self.args.peak_tflops)
+        self.add_callback(self.throughput)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.throughput.add_to(logs, self.state, self.args)  # before the history, the printers and the loggers
+        super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

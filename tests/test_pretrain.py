@@ -23,7 +23,8 @@ from seqlm.token_cache import BlockDataset, TokenCache
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_steps", "15",
-                      "--save_steps", "15", "--max_eval_samples", "16")
+                      "--save_steps", "15", "--max_eval_samples", "16",
+                      "--peak_tflops", "1")  # a CPU has no known peak: give one, so MFU is logged
     return out, log
 
 
@@ -33,6 +34,8 @@ def test_training_lowers_held_out_loss(trained):
     assert abs(evals[0] - math.log(151936)) < 0.5  # random init: uniform over the vocabulary
     assert evals[-1] < evals[0] - 2.0
     assert "tokens_per_second" in log and "eval_perplexity" in log
+    train_logs = [h for h in trainer_state(out)["log_history"] if "loss" in h]
+    assert all(0 < h["mfu"] < 1 for h in train_logs[1:])  # MFU against a 1 TFLOP/s peak
 
 
 def test_one_swanlab_run_written_offline(trained):

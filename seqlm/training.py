@@ -1,0 +1,71 @@
+"""What a training script does around the Trainer, the same for pretraining and fine-tuning: read the arguments, set
+up logging, stop on bad input with one line, find the checkpoint to resume from, and train → save → evaluate."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn
+
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+from .resume import latest_complete_checkpoint
+from .trainer import NonFiniteLoss, SafeTrainer
+
+log = logging.getLogger(__name__)
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input stops the run before any heavy work, with one line that says what and how to fix it."""
+    log.error(message)
+    sys.exit(2)
+
+
+def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
+    """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    level = training_args.get_process_log_level()
+    # --log_level passive (the default) is transformers' own: warnings only, which would hide this pipeline's progress
+    # lines (data summary, resuming from, model saved in) too. They are info, on the process that logs.
+    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=ours, handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity(level)
+
+
+def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint when given, else the newest complete checkpoint-N in --output_dir: a rerun continues."""
+    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
+        return training_args.resume_from_checkpoint
+    last = latest_complete_checkpoint(training_args.output_dir)
+    if last:
+        log.info("resuming from %s", last)
+    return str(last) if last else None
+
+
+def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,
+                       resume_from: str | None) -> None:
+    if training_args.do_train:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        except NonFiniteLoss as e:
+            fail(str(e))
+        trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if evaluating:
+        metrics = trainer.evaluate()  # ThroughputCallback adds eval_perplexity
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.process_index == 0:
+        log.info("model saved in %s", training_args.output_dir)
