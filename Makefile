@@ -26,4 +26,4 @@ test: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) output/demo data/demo data/token_cache
+	rm -rf $(VENV) output/demo output/demo-sft data/demo data/token_cache

@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 DEMO=data/demo
 OUT=output/demo
 
-echo "== 1. data: a corpus in the seq-monkey schema ({\"text\": ...} per line) and the tokenizer"
+echo "== 1. data: a corpus in the seq-monkey schema ({\"text\": ...} per line), the tokenizer, and conversations"
 python -m seqlm.demo "$DEMO"
 
 echo "== 2. subset: 1,700 documents to train on, the next 100 held out"
@@ -29,3 +29,20 @@ echo "== 5. sample from the checkpoint with stock transformers"
 python generate.py --model_path "$OUT" --max_new_tokens 40
 
 echo "checkpoint: $OUT/ (HF format)   swanlab logs: $OUT/swanlog/ (view: swanlab watch $OUT/swanlog)"
+
+echo "== 6. SFT data: conversations made from the same paragraphs, in the BELLE schema; 4,000 to train on, 200 held out"
+python make_subset.py --schema sft --input "$DEMO/conversations.jsonl" --lines 4000 --output "$DEMO/sft_train.jsonl" \
+    --val-lines 200 --val-output "$DEMO/sft_val.jsonl"
+
+echo "== 7. fine-tune the pretrained checkpoint on them, loss on the answers only (a rerun resumes)"
+MODEL="$OUT" TRAIN_FILE="$DEMO/sft_train.jsonl" VALIDATION_FILE="$DEMO/sft_val.jsonl" OUTPUT_DIR="$OUT-sft" \
+bash finetune.sh \
+    --max_length 256 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 \
+    --max_steps 60 --warmup_steps 6 --learning_rate 3e-3 --activation_checkpointing false \
+    --logging_steps 10 --eval_steps 30 --eval_on_start true --save_steps 60 --max_eval_samples 64 --disable_tqdm true
+
+echo "== 8. one answer from the fine-tuned checkpoint (interactive: python chat.py --model_path $OUT-sft)"
+python chat.py --model_path "$OUT-sft" --prompt "请续写这段新闻：中国人民决心继承邓小平同志的遗志。" --greedy --max_new_tokens 40
+
+echo "fine-tuned: $OUT-sft/ (HF format, ChatML template)   swanlab logs: $OUT-sft/swanlog/"
+echo "run report: $OUT/report.md (curves, held-out bits per character, samples, configuration; python report.py $OUT rewrites it)"

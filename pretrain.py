@@ -11,14 +11,34 @@ import os
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
-from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments
+from seqlm.arguments import (
+    DataTrainingArguments,
+    ModelArguments,
+    PretrainingArguments,
+    SampleArguments,
+)
+from seqlm.evaluation import BitsPerCharCallback
 from seqlm.model import build_model, load_config_and_tokenizer
-from seqlm.preflight import (check_disk, check_ds_config, check_readable, check_same_run, run_settings,
-                              save_run_settings)
+from seqlm.preflight import (
+    check_disk,
+    check_ds_config,
+    check_readable,
+    check_same_run,
+    run_settings,
+    save_run_settings,
+)
+from seqlm.report import RunRecordCallback, write_report
+from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import start_swanlab, swanlab_mode
 from seqlm.trainer import SafeTrainer
-from seqlm.training import checkpoint_to_resume, fail, parse_args, setup_logging, train_and_evaluate
+from seqlm.training import (
+    checkpoint_to_resume,
+    fail,
+    parse_args,
+    setup_logging,
+    train_and_evaluate,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -32,7 +52,8 @@ def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTraini
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_args((ModelArguments, DataTrainingArguments, PretrainingArguments))
+    model_args, data_args, sample_args, training_args = parse_args(
+        (ModelArguments, DataTrainingArguments, SampleArguments, PretrainingArguments))
     setup_logging(training_args)
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
@@ -44,6 +65,7 @@ def main() -> None:
         check_ds_config(training_args)
         config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
+        samples = SamplesCallback.from_args(sample_args, tokenizer)
         settings = run_settings(config, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
@@ -76,8 +98,14 @@ def main() -> None:
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, data_collator=default_data_collator,
                           seq_len=data_args.block_size)
+    if eval_dataset is not None:
+        trainer.add_callback(BitsPerCharCallback.from_dataset(eval_dataset))
+    trainer.add_callback(samples)
+    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
 
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
+    if training_args.do_train and training_args.process_index == 0:
+        log.info("report: %s", write_report(training_args.output_dir))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,22 @@ class DataTrainingArguments:
         default=str(paths.TOKEN_CACHE_DIR),
         metadata={"help": "Where tokenized corpora are kept and reused (keyed by corpus, tokenizer and settings)."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many validation blocks (default: all)."})
+        default=None, metadata={"help": "Evaluate on at most this many validation blocks (default: all). Bits per "
+                                        "character/byte then use the tokens-per-character ratio of the whole files."})
+
+
+@dataclass
+class SampleArguments:
+    """Continuations of fixed prompts during training, so a run shows what the model writes, not only its loss."""
+
+    sample_steps: int | None = field(
+        default=None, metadata={"help": "Write samples every N steps, at the start and at the end (default: every "
+                                        "--eval_steps; 0 turns samples off)."})
+    sample_prompts_file: str | None = field(
+        default=None, metadata={"help": "Prompts to continue, one per line (default: prompts/zh.txt)."})
+    sample_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per prompt and sample."})
+    sample_seed: int = field(
+        default=0, metadata={"help": "Seed of the sampled continuations: the same at every step, so they compare."})
 
 
 @dataclass
@@ -74,6 +89,9 @@ class PretrainingArguments(TrainingArguments):
         default="swanlab", metadata={"help": "Loggers: swanlab (mode from SWANLAB_MODE), tensorboard, none, ..."})
     seed: int = field(default=42, metadata={"help": "Seed of the weights' initialisation and the data order."})
     do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train false to only evaluate)."})
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "Dense bf16 peak of one device in TFLOP/s, for the logged MFU (default: known "
+                                        "for H100/H200/H800/A100/A800/L40/L40S/RTX 4090/5090 and others)."})
 
     def __post_init__(self):
         # The deprecated alias still wins when given, as in TrainingArguments; here the new name has a default.

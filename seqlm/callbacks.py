@@ -11,8 +11,7 @@ from .flops import device_peak_tflops, flops_per_token
 
 class ThroughputCallback(TrainerCallback):
     """Adds tokens/s (over the last logging interval, all devices and per device) and MFU to training logs, and
-    perplexity to evaluation logs, when the Trainer's log() passes them through `add_to` (a callback's on_log comes
-    too late: the Trainer has already stored the entry in its history). MFU needs the sequence length and a peak
+    perplexity to evaluation logs, through `add_to` (called by SafeTrainer.log). MFU needs the sequence length and a peak
     (given, or known for the GPU: seqlm.flops)."""
 
     def __init__(self, seq_len: int | None = None, peak_tflops: float | None = None):

@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 CAUSAL_LM_CLASSES = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -31,14 +36,17 @@ def check_checkpoint(path: str) -> None:
     if not folder.is_dir():
         raise CheckpointError(f"no model folder {path}")
     if not (folder / "config.json").is_file():
-        hint = " (a DeepSpeed global_step folder? use its checkpoint-N parent)" if folder.name.startswith("global_step") else ""
+        deepspeed = folder.name.startswith("global_step")
+        hint = " (a DeepSpeed global_step folder? use its checkpoint-N parent)" if deepspeed else ""
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder{hint}")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not set(architectures) & CAUSAL_LM_CLASSES):
+    # A model type can have a causal LM class and still be saved as another head (BertForMaskedLM).
+    causal_head = not architectures or set(architectures) & CAUSAL_LM_CLASSES
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_head:
         kind = ", ".join(architectures) or model_type or "an unknown model type"
         raise CheckpointError(f"{path} holds {kind}, not a causal language model")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):

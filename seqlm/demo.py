@@ -60,6 +60,36 @@ def copy_offline_tokenizer(folder: str | os.PathLike) -> None:
         shutil.copytree(offline_tokenizer_dir(), tmp)
 
 
+_SENTENCE = re.compile(r"[^。！？]+[。！？]”?")
+
+
+def demo_conversations() -> Iterator[list[tuple[str, str]]]:
+    """Conversations made from the paragraphs of three or more short sentences, as (speaker, text) turns: continue
+    the news, repeat a sentence, find a first sentence, and a two-turn continuation, in turn."""
+    kinds = [
+        lambda s: [("human", f"请续写这段新闻：{s[0]}"), ("assistant", s[1])],
+        lambda s: [("human", f"请复述这句话：{s[0]}"), ("assistant", s[0])],
+        lambda s: [("human", f"这段话的第一句是什么？\n{''.join(s[:3])}"), ("assistant", s[0])],
+        lambda s: [("human", f"请续写这段新闻：{s[0]}"), ("assistant", s[1]), ("human", "请继续。"), ("assistant", s[2])],
+    ]
+    made = 0
+    for paragraph in peoples_daily_paragraphs():
+        sentences = _SENTENCE.findall(paragraph)
+        if len(sentences) >= 3 and all(len(s) <= 80 for s in sentences[:3]):
+            yield kinds[made % len(kinds)](sentences)
+            made += 1
+
+
+def write_demo_conversations(path: str | os.PathLike) -> int:
+    """Write them in the schema of BelleGroup train_3.5M_CN; returns the number of conversations."""
+    count = 0
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for count, turns in enumerate(demo_conversations(), 1):
+            line = {"conversations": [{"from": who, "value": text} for who, text in turns], "id": str(count)}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return count
+
+
 if __name__ == "__main__":
     import sys
 
@@ -67,3 +97,5 @@ if __name__ == "__main__":
     count = write_demo_corpus(folder / "corpus.jsonl")
     copy_offline_tokenizer(folder / "tokenizer")
     print(f"{folder}/corpus.jsonl: {count:,} documents of People's Daily (1998); {folder}/tokenizer: Qwen tokenizer")
+    count = write_demo_conversations(folder / "conversations.jsonl")
+    print(f"{folder}/conversations.jsonl: {count:,} conversations made from the same paragraphs (BELLE schema)")

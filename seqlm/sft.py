@@ -1,14 +1,10 @@
-"""Supervised fine-tuning data: conversations in the BELLE schema or the OpenAI `messages` schema, formatted as
-ChatML, tokenized once into a memory-mapped cache with the exact mask of the tokens to learn, and batched padded to
-the longest conversation of each batch.
+"""Supervised fine-tuning data: conversations (seqlm.conversation) tokenized once into a memory-mapped cache with
+the exact mask of the tokens to learn, and batched padded to the longest conversation of each batch.
 
-Format. Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`, role system, user or assistant: the format of
-Qwen's chat models. The loss is on each assistant content and its `<|im_end|>` (that is how the model learns to end
-its turn); every other label is -100. The ids are built turn by turn, so the mask is exact by construction; they
-equal the tokenization of the whole conversation rendered by `chat_template()` (the tests check it), which the
-fine-tuned model is saved with. Not the tokenizer's own template: the offline Qwen tokenizer is the Qwen3 release,
-whose template writes an empty `<think>\\n\\n</think>\\n\\n` into the last assistant turn, a reasoning format this
-model never learns.
+The loss is on each assistant content and its `<|im_end|>` (that is how the model learns to end its turn); every
+other label is -100. The ids are built turn by turn, `<|im_start|>{role}\\n` + content + `<|im_end|>` + `\\n`, so the
+mask is exact by construction; they equal the tokenization of the whole conversation rendered by the chat template
+the model is saved with (the tests check it: contents are stripped, so no BPE merge crosses a turn's edges).
 
 A cache folder (`<file>-sft-<key>` in the token cache folder) holds
     tokens.bin         every conversation's ids, uint32
@@ -34,84 +30,27 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .corpus import BadLine, LineStats, check_encodable, load_object, open_corpus, read_lines
+from .conversation import (
+    END_OF_TEXT,
+    IM_END,
+    IM_START,
+    Conversation,
+    chat_template,
+    parse_conversation,
+)
+from .corpus import LineStats, open_corpus, read_lines
 from .fileio import atomic_output, file_lock
 from .token_cache import TOKEN_DTYPE, _prefetch, file_digest, tokenizer_digest
+from .trainer import SafeTrainer
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BATCH_CONVERSATIONS = 512  # per encode_batch call, as in token_cache
 IGNORE_INDEX = -100
-IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-# (list key, role key, content key) of the two schemas, and the role names they use
-SCHEMAS = (("conversations", "from", "value"), ("messages", "role", "content"))
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MEGABATCH = 50  # batches whose conversations are sorted by length together (as transformers' LengthGroupedSampler)
-
-# ChatML; a default system prompt, when set, is baked in as `default_system`. Contents are trimmed, as parsing does.
-CHATML_TEMPLATE = r"""{%- set default_system = DEFAULT_SYSTEM -%}
-{%- for message in messages -%}
-{%- if loop.first and message.role != "system" and default_system -%}
-{{ "<|im_start|>system\n" + default_system + "<|im_end|>\n" }}
-{%- endif -%}
-{{ "<|im_start|>" + message.role + "\n" + (message.content | trim) + "<|im_end|>\n" }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{ "<|im_start|>assistant\n" }}
-{%- endif -%}"""
-
-
-def chat_template(system_prompt: str | None) -> str:
-    """The ChatML template, with `system_prompt` as the system turn of conversations that have none."""
-    return CHATML_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps((system_prompt or "").strip(), ensure_ascii=False))
-
-
-@dataclass
-class Conversation:
-    """Chat messages ({"role", "content"}), roles normalised to system/user/assistant, contents stripped, ending
-    with an assistant turn."""
-
-    messages: list[dict[str, str]]
-
-    def __len__(self) -> int:  # in characters, like len(text) of a document: what LineStats counts
-        return sum(len(m["content"]) for m in self.messages)
-
-
-def parse_conversation(raw: bytes) -> Conversation:
-    """One JSON line of `{"conversations": [{"from": "human"|"assistant", "value"}, ...]}` (BELLE; "gpt" and
-    "system" too) or `{"messages": [{"role", "content"}, ...]}`; raise BadLine saying why it is unusable. Turns
-    after the last assistant turn are dropped: nothing in them is learned."""
-    obj = load_object(raw)
-    schema = next((s for s in SCHEMAS if s[0] in obj), None)
-    if schema is None:
-        raise BadLine("missing_conversations", "no 'conversations' or 'messages' list")
-    turns_key, role_key, content_key = schema
-    turns = obj[turns_key]
-    if not isinstance(turns, list):
-        raise BadLine("conversations_not_a_list", type(turns).__name__)
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            raise BadLine("turn_not_an_object", type(turn).__name__)
-        role = ROLES.get(turn.get(role_key))
-        if role is None:
-            raise BadLine("unknown_role", repr(turn.get(role_key))[:40])
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise BadLine("content_not_a_string", type(content).__name__)
-        content = content.strip()
-        if not content:
-            raise BadLine("empty_turn", role)
-        check_encodable(raw, content)
-        messages.append({"role": role, "content": content})
-    while messages and messages[-1]["role"] != "assistant":
-        messages.pop()
-    if not messages:
-        raise BadLine("no_assistant_turn")
-    return Conversation(messages)
 
 
 class ChatMLEncoder:
@@ -315,15 +254,17 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         return iter(np.concatenate(groups).tolist())
 
 
-class SFTTrainer(Trainer):
-    """The Trainer, with LengthGroupedSampler for --train_sampling_strategy group_by_length."""
+class SFTTrainer(SafeTrainer):
+    """The pipeline's Trainer (crash-safe checkpoints, stop on a non-finite loss, throughput logs), with
+    LengthGroupedSampler for --train_sampling_strategy group_by_length."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, ConversationDataset):
             return super()._get_train_sampler(train_dataset)
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return LengthGroupedSampler(dataset.lengths, group, self.args.data_seed or self.args.seed)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        return LengthGroupedSampler(dataset.lengths, group, seed)
 
 
 def prepare_chat_tokenizer(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None) -> None:

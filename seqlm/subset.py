@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from .corpus import LineStats, open_corpus, read_lines
+from .corpus import CorruptInput, LineStats, open_corpus, parse_line, read_lines
 from .fileio import atomic_output
 
 
@@ -19,9 +19,9 @@ class NotEnoughLines(ValueError):
     pass
 
 
-def _valid_lines(path, stats: LineStats, strict: bool, desc: str) -> Iterator[bytes]:
+def _valid_lines(path, stats: LineStats, strict: bool, desc: str, parse: Callable[[bytes], object]) -> Iterator[bytes]:
     with open_corpus(path) as f, tqdm(desc=desc, unit=" lines", unit_scale=True, mininterval=1, leave=False) as bar:
-        for raw, _ in read_lines(f, path, stats, strict):
+        for raw, _ in read_lines(f, path, stats, strict, parse):
             bar.update()
             yield raw if raw.endswith(b"\n") else raw + b"\n"
 
@@ -41,10 +41,14 @@ def make_subset(
     sample: bool = False,
     seed: int = 0,
     strict: bool = False,
+    parse: Callable[[bytes], object] = parse_line,
+    keep_partial: bool = False,
 ) -> LineStats:
     """Write `lines` valid lines to `output_path` and the next (or, sampling, other) `val_lines` to the validation
     file. Returns the counts of the pass that wrote them. Raises NotEnoughLines before renaming anything into
-    place when the input is too short."""
+    place when the input is too short. A line is valid when `parse` accepts it (default: a `{"text"}` document;
+    seqlm.sft.parse_conversation for conversations). A damaged archive raises CorruptInput; with `keep_partial` (and
+without sampling) the lines read before the damage are kept under the output names first."""
     if lines <= 0 or val_lines < 0:
         raise ValueError(f"--lines must be positive and --val-lines not negative (got {lines}, {val_lines})")
     if val_lines and val_output_path is None:
@@ -56,7 +60,7 @@ def make_subset(
 
     if sample:  # pass 1 counts the valid lines so that every line has the same chance
         count = LineStats()
-        for _ in _valid_lines(input_path, count, strict, "counting"):
+        for _ in _valid_lines(input_path, count, strict, "counting", parse):
             pass
         if count.valid < wanted:
             raise NotEnoughLines(f"{input_path} has {count.valid:,} valid lines; asked for {lines:,} + {val_lines:,}")
@@ -68,26 +72,41 @@ def make_subset(
         val: BinaryIO | None = None
         if val_lines:
             val = stack.enter_context(open(stack.enter_context(atomic_output(val_output_path)), "wb", buffering=1 << 20))
-        written = 0
-        source = _valid_lines(input_path, stats, strict, "sampling" if sample else "copying")
-        for i, raw in enumerate(source):
-            if sample:
-                # searchsorted on sorted indices: O(log N) per line, memory proportional to the sample only
-                if _contains(train_idx, i):
-                    train.write(raw)
-                    written += 1
-                elif _contains(val_idx, i):
-                    val.write(raw)
-                    written += 1
-            else:
-                (train if i < lines else val).write(raw)
-                written += 1
-            if written == wanted:
-                break
+        written, damaged = 0, None
+        source = _valid_lines(input_path, stats, strict, "sampling" if sample else "copying", parse)
+        try:
+            written = _copy(source, train, val, lines, wanted, train_idx if sample else None, val_idx if sample else None)
+        except CorruptInput as e:
+            if not keep_partial or sample:
+                raise
+            damaged = e
         source.close()
-        if written < wanted:
+        if damaged is None and written < wanted:
             raise NotEnoughLines(f"{input_path} has {stats.valid:,} valid lines; asked for {lines:,} + {val_lines:,}")
+    if damaged is not None:
+        raise CorruptInput(f"{damaged}; kept the {written:,} lines read before it, as asked (--keep-partial)")
     return stats
+
+
+def _copy(source, train: BinaryIO, val: BinaryIO | None, lines: int, wanted: int, train_idx, val_idx) -> int:
+    """Write lines from `source` until `wanted` are written: the first `lines` to train and the rest to val, or,
+    given sample indices, the sampled ones. Returns the number written."""
+    written = 0
+    for i, raw in enumerate(source):
+        if train_idx is not None:
+            # searchsorted on sorted indices: O(log N) per line, memory proportional to the sample only
+            if _contains(train_idx, i):
+                train.write(raw)
+                written += 1
+            elif _contains(val_idx, i):
+                val.write(raw)
+                written += 1
+        else:
+            (train if i < lines else val).write(raw)
+            written += 1
+        if written == wanted:
+            break
+    return written
 
 
 def _contains(sorted_idx: np.ndarray, i: int) -> bool:

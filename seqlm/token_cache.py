@@ -3,7 +3,8 @@
 A cache folder holds
     tokens.bin        every document's tokens followed by the separator, as uint32 (the vocabulary > 65,535)
     doc_offsets.npy   int64, num_docs + 1 entries: document i is tokens[offsets[i]:offsets[i + 1]]
-    manifest.json     what built it; written last, so a folder with a manifest is complete
+    manifest.json     what built it, and the size of the documents' text (num_chars, and num_bytes in UTF-8: what
+                      bits per character/byte divide by); written last, so a folder with a manifest is complete
 The folder name carries a key of the corpus content, the tokenizer and the settings: any change gives a new
 folder, and every later run (on every rank) reuses a finished one."""
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _prefetch(items: Iterable, depth: int = 4) -> Iterator:
 def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separator_id: int, manifest: dict) -> None:
     folder.mkdir(parents=True)
     stats = LineStats()
-    num_tokens, max_id, lengths_path = 0, 0, folder / "doc_lengths.tmp"
+    num_tokens, num_bytes, max_id, lengths_path = 0, 0, 0, folder / "doc_lengths.tmp"
     start = time.perf_counter()
     encode = tokenizer.backend_tokenizer.encode_batch_fast  # ids only: no character offsets to compute
     with open(folder / "tokens.bin", "wb") as out, open(lengths_path, "wb") as lengths, \
@@ -95,6 +96,7 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
             out.write(ids.tobytes())
             lengths.write(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)).tobytes())
             num_tokens += len(ids)
+            num_bytes += sum(len(text.encode("utf-8")) for text in texts)
             max_id = max(max_id, int(ids.max()))
     if stats.valid == 0:
         raise ValueError(f"{source}: no valid line to tokenize\n{stats.summary()}")
@@ -103,8 +105,9 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
     np.cumsum(np.fromfile(lengths_path, dtype=np.int64), out=offsets[1:])
     offsets.flush()
     lengths_path.unlink()
-    manifest.update(num_docs=stats.valid, num_tokens=num_tokens, max_token_id=max_id,
-                    skipped_lines=dict(stats.skipped), seconds=round(time.perf_counter() - start, 1))
+    manifest.update(num_docs=stats.valid, num_tokens=num_tokens, num_chars=stats.chars, num_bytes=num_bytes,
+                    max_token_id=max_id, skipped_lines=dict(stats.skipped),
+                    seconds=round(time.perf_counter() - start, 1))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"tokenized {source}: {stats.valid:,} documents, {num_tokens:,} tokens "
           f"({num_tokens / max(manifest['seconds'], 1e-9):,.0f} tokens/s)")

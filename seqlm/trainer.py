@@ -18,11 +18,14 @@ class SafeTrainer(Trainer):
         """seq_len: tokens per training sequence, for the MFU estimate."""
         super().__init__(*args, **kwargs)
         make_checkpoints_crash_safe(self)
-        self.throughput = ThroughputCallback(seq_len, self.args.peak_tflops)
-        self.add_callback(self.throughput)
+        self.add_callback(ThroughputCallback(seq_len, getattr(self.args, "peak_tflops", None)))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self.throughput.add_to(logs, self.state, self.args)  # before the history, the printers and the loggers
+        # Callbacks that derive keys from a log entry (tokens/s, MFU, bits per character) add them here: in their
+        # on_log it would be too late for the Trainer's history, which stores its copy before calling them.
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "add_to"):
+                callback.add_to(logs, self.state, self.args)
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

@@ -10,7 +10,9 @@ from typing import NoReturn
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+from .preflight import save_run_settings
 from .resume import latest_complete_checkpoint
+from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,15 @@ def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
     if last:
         log.info("resuming from %s", last)
     return str(last) if last else None
+
+
+def record_run(training_args: TrainingArguments, settings: dict, swanlab_run_mode: str | None, config: dict) -> None:
+    """On the first process: save the settings a rerun must match to resume, and start the swanlab run."""
+    if training_args.process_index != 0:
+        return
+    save_run_settings(training_args.output_dir, settings)
+    if swanlab_run_mode:
+        start_swanlab(training_args.output_dir, training_args.run_name, config=config, mode=swanlab_run_mode)
 
 
 def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,

@@ -4,7 +4,15 @@ import tarfile
 
 import pytest
 
-from seqlm.corpus import BadLine, CorruptInput, LineStats, iter_texts, open_corpus, parse_line, read_lines
+from seqlm.corpus import (
+    BadLine,
+    CorruptInput,
+    LineStats,
+    iter_texts,
+    open_corpus,
+    parse_line,
+    read_lines,
+)
 
 KINDS = ("tar.bz2", "tar.gz", "jsonl.gz", "jsonl.bz2")
 

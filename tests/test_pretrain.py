@@ -87,7 +87,7 @@ def test_real_qwen25_05b_takes_a_step(data, tmp_path):
     log = pretrain_sh(data, out, "--block_size", "128", "--per_device_train_batch_size", "1",
                       "--gradient_accumulation_steps", "1", "--max_steps", "1", "--eval_strategy", "no",
                       "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-                      preset="qwen2.5-0.5b", train=data["val"])
+                      "--sample_steps", "0", preset="qwen2.5-0.5b", train=data["val"])
     assert "494,032,768 parameters" in log
     loss = next(h["train_loss"] for h in trainer_state(out)["log_history"] if "train_loss" in h)
     assert abs(loss - math.log(151936)) < 1.0

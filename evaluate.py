@@ -1,0 +1,97 @@
+"""Score any HF causal LM checkpoint on held-out JSON Lines text ({"text": ...} per line, as seq-monkey): loss,
+perplexity, and bits per character and per UTF-8 byte, which compare across tokenizers and block sizes.
+
+    python evaluate.py --model_path output/pretrain --files data/seq_monkey_val.jsonl
+    python evaluate.py --model_path output/demo --files data/demo/val.jsonl --output_json scores.json
+
+The text is tokenized as for training (the token cache, each document ended by the model's eos_token_id) and cut
+into blocks; every block predicts its tokens from those before it, as the held-out loss during training does.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from seqlm import paths
+from seqlm.checkpoint import check_checkpoint
+from seqlm.evaluation import mean_loss, text_size
+from seqlm.model import check_compatible, document_separator, load_config
+from seqlm.report import RUN_INFO_FILE
+from seqlm.token_cache import BlockDataset, build_token_cache
+from seqlm.tokenizer import load_tokenizer
+
+DEFAULT_BLOCK_SIZE = 2048
+
+
+def trained_block_size(model_path: str) -> int | None:
+    """The block size of the run that wrote this checkpoint (run_info.json of the output dir), if recorded."""
+    for folder in (Path(model_path), Path(model_path).parent):  # the output dir, or one of its checkpoint-N
+        if (folder / RUN_INFO_FILE).is_file():
+            info = json.loads((folder / RUN_INFO_FILE).read_text(encoding="utf-8"))
+            return info["arguments"].get("DataTrainingArguments", {}).get("block_size")
+    return None
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=str(paths.PRETRAIN_OUTPUT), help="HF checkpoint folder or hub id "
+                   "(default: %(default)s)")
+    p.add_argument("--files", nargs="+", default=[str(paths.VALIDATION_SUBSET)],
+                   help="JSON Lines files of {\"text\": ...} (default: %(default)s)")
+    p.add_argument("--tokenizer_name", help="tokenizer folder or hub id (default: the checkpoint's)")
+    p.add_argument("--block_size", type=int, help="tokens per block (default: the block size the checkpoint was "
+                   f"trained with, from {RUN_INFO_FILE}, else {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--batch_size", type=int, default=4, help="blocks per forward pass (default: %(default)s)")
+    p.add_argument("--max_blocks", type=int, help="evaluate at most the first N blocks of each file (default: all); "
+                   "bits per character then use the tokens-per-character ratio of the whole file")
+    p.add_argument("--token_cache_dir", default=str(paths.TOKEN_CACHE_DIR), help="default: %(default)s")
+    p.add_argument("--output_json", help="also write the scores to this JSON file")
+    return p.parse_args()
+
+
+def score(model, tokenizer, separator_id: int, file: str, args) -> dict:
+    blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, args.token_cache_dir), args.block_size)
+    loss, predictions = mean_loss(model, blocks, args.batch_size, args.max_blocks)
+    return dict(file=file, blocks=min(len(blocks), args.max_blocks or len(blocks)), predicted_tokens=predictions,
+                loss=loss, perplexity=math.exp(min(loss, 50.0)), **text_size(blocks.cache).bits(loss))
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        missing = [f for f in args.files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no such file {', '.join(missing)}: pass --files with JSON Lines of "
+                                    "{\"text\": ...} (make_subset.py writes data/seq_monkey_val.jsonl)")
+        check_checkpoint(args.model_path)
+        config = load_config(args.model_path)
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_path)
+        args.block_size = args.block_size or trained_block_size(args.model_path) or DEFAULT_BLOCK_SIZE
+        check_compatible(config, tokenizer, args.block_size)
+        separator_id = document_separator(config)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+            device_map="cuda" if torch.cuda.is_available() else None)
+        scores = [score(model, tokenizer, separator_id, f, args) for f in args.files]
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+    print(f"\n{args.model_path}, blocks of {args.block_size} tokens")
+    print(f"{'file':<40} {'blocks':>7} {'loss':>7} {'perplexity':>11} {'bits/char':>10} {'bits/byte':>10}")
+    for s in scores:
+        print(f"{s['file']:<40} {s['blocks']:>7,} {s['loss']:>7.4f} {s['perplexity']:>11,.2f} "
+              f"{s['bits_per_char']:>10.4f} {s['bits_per_byte']:>10.4f}")
+    result = dict(model_path=args.model_path, block_size=args.block_size, files=scores)
+    print(json.dumps(result, ensure_ascii=False))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

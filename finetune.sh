@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Fine-tune (SFT) with DeepSpeed ZeRO-2 on every GPU of this machine (or of a hostfile) or on CPU ranks, as pretrain.sh.
+#
+#   bash finetune.sh                                  # output/pretrain on BelleGroup train_3.5M_CN -> output/sft
+#   TRAIN_FILE=data/belle_sft.jsonl VALIDATION_FILE=data/belle_sft_val.jsonl bash finetune.sh
+#                                                     # a subset, from `python make_subset.py --schema sft`
+#   NUM_GPUS=4 bash finetune.sh --learning_rate 1e-5  # any finetune.py / TrainingArguments flag passes through
+#
+# What to train and where to write (the training defaults themselves live in finetune.py):
+#   MODEL            model to fine-tune: a checkpoint folder or hub id (default output/pretrain, from pretrain.sh)
+#   TRAIN_FILE       conversations, BELLE or `messages` JSON Lines (default data/BelleGroup/train_3.5M_CN.json)
+#   VALIDATION_FILE  held-out conversations (default none); evaluated every --eval_steps and at the end
+#   SYSTEM_PROMPT    system turn for conversations without one, saved in the chat template (default none)
+#   OUTPUT_DIR       checkpoints and final model (default output/sft); a rerun resumes from it
+#   SWANLAB_MODE     cloud (needs SWANLAB_API_KEY), local (`swanlab watch OUTPUT_DIR/swanlog`), offline, disabled
+#   DS_CONFIG        DeepSpeed config (default ds_config_zero2.json)
+#   NUM_GPUS, HOSTFILE, MASTER_PORT: see launch.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+exec bash launch.sh finetune.py \
+    --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
+    --model_name_or_path "${MODEL:-output/pretrain}" \
+    --train_files "${TRAIN_FILE:-data/BelleGroup/train_3.5M_CN.json}" \
+    ${VALIDATION_FILE:+--validation_files "$VALIDATION_FILE" --eval_strategy steps} \
+    ${SYSTEM_PROMPT:+--system_prompt "$SYSTEM_PROMPT"} \
+    --output_dir "${OUTPUT_DIR:-output/sft}" \
+    "$@"
