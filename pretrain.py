@@ -11,34 +11,16 @@ import os
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
-from seqlm.arguments import (
-    DataTrainingArguments,
-    ModelArguments,
-    PretrainingArguments,
-    SampleArguments,
-)
+from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments, SampleArguments
 from seqlm.evaluation import BitsPerCharCallback
 from seqlm.model import build_model, load_config_and_tokenizer
-from seqlm.preflight import (
-    check_disk,
-    check_ds_config,
-    check_readable,
-    check_same_run,
-    run_settings,
-    save_run_settings,
-)
+from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, run_settings
 from seqlm.report import RunRecordCallback, write_report
 from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
-from seqlm.tracking import start_swanlab, swanlab_mode
+from seqlm.tracking import swanlab_mode
 from seqlm.trainer import SafeTrainer
-from seqlm.training import (
-    checkpoint_to_resume,
-    fail,
-    parse_args,
-    setup_logging,
-    train_and_evaluate,
-)
+from seqlm.training import checkpoint_to_resume, fail, parse_args, record_run, setup_logging, train_and_evaluate
 
 log = logging.getLogger("pretrain")
 
@@ -89,11 +71,7 @@ def main() -> None:
              f"{len(eval_dataset):,}" if eval_dataset is not None else "no")
 
     model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
-    if training_args.process_index == 0:
-        save_run_settings(training_args.output_dir, settings)
-    if swanlab_run_mode and training_args.process_index == 0:
-        start_swanlab(training_args.output_dir, training_args.run_name,
-                      config={**vars(model_args), **vars(data_args)}, mode=swanlab_run_mode)
+    record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
 
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, data_collator=default_data_collator,
