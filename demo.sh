@@ -29,6 +29,7 @@ echo "== 5. sample from the checkpoint with stock transformers"
 python generate.py --model_path "$OUT" --max_new_tokens 40
 
 echo "checkpoint: $OUT/ (HF format)   swanlab logs: $OUT/swanlog/ (view: swanlab watch $OUT/swanlog)"
+echo "run report: $OUT/report.md (curves, held-out bits per character, samples, configuration; python report.py $OUT rewrites it)"
 
 echo "== 6. SFT data: conversations made from the same paragraphs, in the BELLE schema; 4,000 to train on, 200 held out"
 python make_subset.py --schema sft --input "$DEMO/conversations.jsonl" --lines 4000 --output "$DEMO/sft_train.jsonl" \
@@ -44,5 +45,4 @@ bash finetune.sh \
 echo "== 8. one answer from the fine-tuned checkpoint (interactive: python chat.py --model_path $OUT-sft)"
 python chat.py --model_path "$OUT-sft" --prompt "请续写这段新闻：中国人民决心继承邓小平同志的遗志。" --greedy --max_new_tokens 40
 
-echo "fine-tuned: $OUT-sft/ (HF format, ChatML template)   swanlab logs: $OUT-sft/swanlog/"
-echo "run report: $OUT/report.md (curves, held-out bits per character, samples, configuration; python report.py $OUT rewrites it)"
+echo "fine-tuned: $OUT-sft/ (HF format, ChatML template)   swanlab logs: $OUT-sft/swanlog/   report: $OUT-sft/report.md"

@@ -15,10 +15,12 @@ from torch.utils.data import Subset
 from transformers import set_seed
 
 from seqlm import paths
-from seqlm.arguments import ModelArguments, PretrainingArguments
+from seqlm.arguments import ModelArguments, PretrainingArguments, SampleArguments
 from seqlm.checkpoint import check_checkpoint
 from seqlm.model import build_model, check_compatible, load_config
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run
+from seqlm.report import RunRecordCallback, write_report
+from seqlm.samples import SamplesCallback
 from seqlm.sft import (ConversationDataset, PadToLongest, SFTTrainer, build_sft_cache, prepare_chat_tokenizer,
                        set_chat_eos)
 from seqlm.tokenizer import load_tokenizer
@@ -99,7 +101,8 @@ def run_settings(model_path: str, data_args: SFTDataArguments, training_args) ->
 
 
 def main() -> None:
-    model_args, data_args, training_args = parse_args((FinetuningModelArguments, SFTDataArguments, FinetuningArguments))
+    model_args, data_args, sample_args, training_args = parse_args(
+        (FinetuningModelArguments, SFTDataArguments, SampleArguments, FinetuningArguments))
     setup_logging(training_args)
     evaluating = bool(data_args.validation_files)
 
@@ -124,6 +127,7 @@ def main() -> None:
                              f"{config.max_position_embeddings}: lower it")
         check_compatible(config, tokenizer, data_args.max_length)
         prepare_chat_tokenizer(tokenizer, data_args.system_prompt)
+        samples = SamplesCallback.from_args(sample_args, tokenizer, chat=True)  # each prompt as a user turn
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         settings = run_settings(model_path, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
@@ -155,7 +159,11 @@ def main() -> None:
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, data_collator=PadToLongest(tokenizer.pad_token_id),
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
+    trainer.add_callback(samples)
+    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
+    if training_args.do_train and training_args.process_index == 0:
+        log.info("report: %s", write_report(training_args.output_dir))
 
 
 if __name__ == "__main__":

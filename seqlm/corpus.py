@@ -143,8 +143,8 @@ def read_lines(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: b
                parse: Callable[[bytes], T] = parse_line) -> Iterator[tuple[bytes, T]]:
     """Yield (raw line, content) for each valid line; count the others in `stats`, or raise on the first if strict.
 
-    `parse` turns a raw line into its content or raises BadLine: by default a document's text (seqlm.sft passes its
-    conversation parser); len() of a content is its size in characters. A truncated compressed stream is always an
+    `parse` turns a raw line into its content or raises BadLine: by default a document's text (for conversations,
+    seqlm.conversation.parse_conversation); len() of a content is its size in characters. A truncated compressed stream is always an
     error: the lines before it were yielded already."""
     lineno = 0
     try:

@@ -47,8 +47,8 @@ def make_subset(
     """Write `lines` valid lines to `output_path` and the next (or, sampling, other) `val_lines` to the validation
     file. Returns the counts of the pass that wrote them. Raises NotEnoughLines before renaming anything into
     place when the input is too short. A line is valid when `parse` accepts it (default: a `{"text"}` document;
-    seqlm.sft.parse_conversation for conversations). A damaged archive raises CorruptInput; with `keep_partial` (and
-without sampling) the lines read before the damage are kept under the output names first."""
+    seqlm.conversation.parse_conversation for conversations). A damaged archive raises CorruptInput; with
+    `keep_partial` (and without sampling) the lines read before the damage are kept under the output names first."""
     if lines <= 0 or val_lines < 0:
         raise ValueError(f"--lines must be positive and --val-lines not negative (got {lines}, {val_lines})")
     if val_lines and val_output_path is None:

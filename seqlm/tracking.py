@@ -30,7 +30,8 @@ def swanlab_mode() -> str:
     return mode
 
 
-def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str) -> str:
+def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str,
+                  project: str = "seq-monkey-pretrain") -> str:
     """Start the run that transformers' SwanLabCallback then logs to (it cannot start one itself with swanlab
     0.10: its get_run() raises before init). A rerun in the same output dir continues the same run id. Returns the
     log folder."""
@@ -39,7 +40,8 @@ def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str
     log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(output_dir, "swanlog")
     saved = Path(output_dir) / "swanlab_run.json"
     run_id = os.environ.get("SWANLAB_RUN_ID") or (json.loads(saved.read_text())["id"] if saved.is_file() else None)
-    run = swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "seq-monkey-pretrain"), name=run_name, mode=mode,
+    # SWANLAB_PROJECT_NAME is swanlab's own variable (SWANLAB_PROJECT makes swanlab 0.10's settings fail to parse).
+    run = swanlab.init(project=os.environ.get("SWANLAB_PROJECT_NAME", project), name=run_name, mode=mode,
                        log_dir=log_dir, config=config, id=run_id, resume="allow" if run_id else None)
     with atomic_output(saved) as tmp:
         tmp.write_text(json.dumps({"id": run.id, "mode": mode, "log_dir": log_dir}) + "\n")

@@ -24,6 +24,7 @@ from seqlm.conversation import parse_conversation
 from seqlm.corpus import BadLine
 from seqlm.demo import write_demo_conversations
 from seqlm.model import load_config
+from seqlm.samples import read_samples
 from seqlm.sft import (IGNORE_INDEX, ChatMLEncoder, ConversationDataset, LengthGroupedSampler, PadToLongest,
                        build_sft_cache, prepare_chat_tokenizer)
 from seqlm.subset import make_subset
@@ -402,3 +403,10 @@ def test_bad_settings_are_refused(sft_data, tmp_path, monkeypatch, caplog, args,
         finetune.main()
     assert e.value.code == 2
     assert message in caplog.text
+
+
+def test_the_run_ends_with_a_report_and_chat_samples(finetuned):
+    out, _ = finetuned
+    assert "## " in (out / "report.md").read_text(encoding="utf-8")
+    records = read_samples(out)
+    assert records[-1]["step"] == 12 and records[-1]["samples"][0]["greedy"] is not None
