@@ -19,7 +19,7 @@ from seqlm.arguments import ModelArguments, PretrainingArguments, SampleArgument
 from seqlm.checkpoint import check_checkpoint
 from seqlm.model import build_model, check_compatible, load_config
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run
-from seqlm.report import RunRecordCallback, write_report
+from seqlm.report import RunRecordCallback
 from seqlm.samples import SamplesCallback
 from seqlm.sft import (ConversationDataset, PadToLongest, SFTTrainer, build_sft_cache, prepare_chat_tokenizer,
                        set_chat_eos)
@@ -162,8 +162,6 @@ def main() -> None:
     trainer.add_callback(samples)
     trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
-    if training_args.do_train and training_args.process_index == 0:
-        log.info("report: %s", write_report(training_args.output_dir))
 
 
 if __name__ == "__main__":

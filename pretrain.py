@@ -15,7 +15,7 @@ from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingAr
 from seqlm.evaluation import BitsPerCharCallback
 from seqlm.model import build_model, load_config_and_tokenizer
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, run_settings
-from seqlm.report import RunRecordCallback, write_report
+from seqlm.report import RunRecordCallback
 from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import swanlab_mode
@@ -82,8 +82,6 @@ def main() -> None:
     trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
 
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
-    if training_args.do_train and training_args.process_index == 0:
-        log.info("report: %s", write_report(training_args.output_dir))
 
 
 if __name__ == "__main__":

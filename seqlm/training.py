@@ -1,5 +1,6 @@
 """What a training script does around the Trainer, the same for pretraining and fine-tuning: read the arguments, set
-up logging, stop on bad input with one line, find the checkpoint to resume from, and train → save → evaluate."""
+up logging, stop on bad input with one line, find the checkpoint to resume from, and train → save → evaluate →
+report."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 from .preflight import save_run_settings
+from .report import write_report
 from .resume import latest_complete_checkpoint
 from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
@@ -80,3 +82,5 @@ def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, e
         trainer.save_metrics("eval", metrics)
     if training_args.process_index == 0:
         log.info("model saved in %s", training_args.output_dir)
+        if training_args.do_train:
+            log.info("report: %s", write_report(training_args.output_dir))
