@@ -25,8 +25,8 @@ OUTPUT_DIR="$OUT" bash pretrain.sh \
     --max_steps 200 --warmup_steps 20 --learning_rate 3e-3 --activation_checkpointing false \
     --logging_steps 10 --eval_steps 50 --save_steps 100 --max_eval_samples 32 --disable_tqdm true
 
-echo "== 5. sample from the checkpoint with stock transformers"
-python generate.py --model_path "$OUT" --max_new_tokens 40
+echo "== 5. continue a text with the pretrained checkpoint (loaded by stock transformers)"
+python chat.py --model_path "$OUT" --prompt "中国的首都是" --greedy --max_new_tokens 40
 
 echo "checkpoint: $OUT/ (HF format)   swanlab logs: $OUT/swanlog/ (view: swanlab watch $OUT/swanlog)"
 echo "run report: $OUT/report.md (curves, held-out bits per character, samples, configuration; python report.py $OUT rewrites it)"

@@ -15,7 +15,7 @@ from .fileio import atomic_output
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "zh.txt"
 SAMPLES_FILE = "samples.jsonl"
-SAMPLING = dict(temperature=0.8, top_p=0.95)  # those of generate.py
+SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
