@@ -6,7 +6,6 @@ single .json or .yaml file of them works too. The story of a run, top to bottom:
 parse → check inputs → tokenize once (cached) → model → Trainer → train (resuming if it can) → evaluate → save.
 """
 import logging
-import os
 
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
@@ -54,8 +53,6 @@ def main() -> None:
                    training_args.output_dir)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    if training_args.hub_token:  # huggingface_hub reads it from the environment; saved arguments must not hold it
-        os.environ["HF_TOKEN"], training_args.hub_token = training_args.hub_token, None
 
     resume_from = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
