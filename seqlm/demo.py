@@ -45,14 +45,16 @@ def demo_documents(doc_chars: int = DOC_CHARS) -> Iterator[str]:
         yield "\n".join(doc)
 
 
-def write_demo_corpus(path: str | os.PathLike) -> int:
-    """Write the corpus as JSON Lines; returns the number of documents."""
-    count = 0
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for text in demo_documents():
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+def write_demo_corpus(path: str | os.PathLike, num_docs: int | None = None) -> int:
+    """Write the corpus as JSON Lines; returns the number of documents. With `num_docs`, the documents are repeated
+    in order up to that many (benchmarks use it to grow a seq-monkey-shaped corpus to any size)."""
+    docs = list(demo_documents())
+    num_docs = num_docs or len(docs)
+    lines = [(json.dumps({"text": text}, ensure_ascii=False) + "\n").encode() for text in docs]
+    with atomic_output(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+        for i in range(num_docs):
+            f.write(lines[i % len(lines)])
+    return num_docs
 
 
 def copy_offline_tokenizer(folder: str | os.PathLike) -> None:

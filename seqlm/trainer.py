@@ -2,6 +2,9 @@
 at the first non-finite loss instead of hours of training on garbage."""
 from __future__ import annotations
 
+import time
+from typing import Iterator
+
 import torch
 from transformers import Trainer
 
@@ -18,7 +21,13 @@ class SafeTrainer(Trainer):
         """seq_len: tokens per training sequence, for the MFU estimate."""
         super().__init__(*args, **kwargs)
         make_checkpoints_crash_safe(self)
-        self.add_callback(ThroughputCallback(seq_len, getattr(self.args, "peak_tflops", None)))
+        self.throughput = ThroughputCallback(seq_len, getattr(self.args, "peak_tflops", None))
+        self.add_callback(self.throughput)
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        # Only the fetching is timed: the rest of this step (counting label tokens across ranks) waits on the other
+        # ranks, not on data.
+        return super().get_batch_samples(_Timed(epoch_iterator, self.throughput), num_batches, device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Callbacks that derive keys from a log entry (tokens/s, MFU, bits per character) add them here: in their
@@ -37,3 +46,20 @@ class SafeTrainer(Trainer):
                                 f"complete checkpoint in {self.args.output_dir} is intact; lower --learning_rate or "
                                 "check the data, then rerun to resume from it")
         return loss
+
+
+class _Timed:
+    """An iterator that adds the time each item took to `clock.data_wait_seconds`."""
+
+    def __init__(self, items: Iterator, clock: ThroughputCallback):
+        self.items, self.clock = items, clock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.clock.data_wait_seconds += time.perf_counter() - start

@@ -36,6 +36,7 @@ def test_training_lowers_held_out_loss(trained):
     assert "tokens_per_second" in log and "eval_perplexity" in log
     train_logs = [h for h in trainer_state(out)["log_history"] if "loss" in h]
     assert all(0 < h["mfu"] < 1 for h in train_logs[1:])  # MFU against a 1 TFLOP/s peak
+    assert all(0 <= h["data_wait_percent"] < 50 and h["peak_memory_gb"] > 0.1 for h in train_logs[1:])
 
 
 def test_one_swanlab_run_written_offline(trained):

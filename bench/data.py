@@ -1,0 +1,149 @@
+"""The data path, side by side on one corpus: the Qwen tokenizer alone, our tokenize + pack (tokenize_corpus.py's
+token cache), and the tutorial's path (datasets' JSON loader, .map(tokenizer) and .map(group_texts), int64
+input_ids/attention_mask/labels in Arrow files). Each runs in its own process, so its peak memory is its own.
+
+    python bench/data.py                       # 100,000 seq-monkey-shaped documents (≈ 300 MB, 60M tokens)
+    python bench/data.py --docs 20000 400000   # our path at two sizes: its memory must not grow with the corpus
+
+The corpus is People's Daily (1998) in documents of ≈ 900 characters, the seq-monkey average, repeated to size.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from seqlm.demo import write_demo_corpus  # noqa: E402
+from seqlm.tokenizer import offline_tokenizer_dir  # noqa: E402
+
+SEPARATOR = 151643  # <|endoftext|>, as pretrain.py separates documents
+BATCH = 512
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
+
+
+def raw(corpus: Path, workdir: Path) -> dict:
+    """The ceiling: the fast tokenizer's batch encoder on texts already in memory (ids only, nothing kept)."""
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    encode = tokenizer().backend_tokenizer.encode_batch_fast
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(texts), BATCH):
+        tokens += sum(len(e.ids) + 1 for e in encode(texts[i:i + BATCH], add_special_tokens=False))
+    return dict(seconds=time.perf_counter() - start, tokens=tokens)
+
+
+def ours(corpus: Path, workdir: Path) -> dict:
+    from seqlm.token_cache import build_token_cache
+    tok = tokenizer()
+    start = time.perf_counter()
+    folder = build_token_cache(corpus, tok, SEPARATOR, workdir)
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, tokens=json.loads((folder / "manifest.json").read_text())["num_tokens"])
+
+
+def tutorial(corpus: Path, workdir: Path, block_size: int = 2048) -> dict:
+    """The tutorial's pretrain.py data code, as written (num_proc: every core here; it has 10)."""
+    import datasets
+    tok = tokenizer()
+    start = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(corpus), cache_dir=str(workdir))
+    column_names = list(ds["train"].features)
+
+    def tokenize_function(examples):
+        return tok([item for item in examples["text"]])
+
+    tokenized = ds.map(tokenize_function, batched=True, num_proc=os.cpu_count(), remove_columns=column_names)
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        if total_length >= block_size:
+            total_length = (total_length // block_size) * block_size
+        result = {k: [t[i:i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    grouped = tokenized.map(group_texts, batched=True, num_proc=os.cpu_count(), batch_size=40000)
+    seconds = time.perf_counter() - start
+    # Training reads the grouped Arrow files (13 bytes a token: int32 ids, int8 mask, int64 labels); the text and
+    # tokenized caches stay on disk beside them, and count below.
+    return dict(seconds=seconds, tokens=len(grouped["train"]) * block_size)
+
+
+def _child(method, corpus: Path, workdir: Path, out) -> None:
+    result = method(corpus, workdir)
+    written = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    out.send(dict(result, bytes_on_disk=written, peak_rss=peak * 1024))
+
+
+def measure(method, corpus: Path, workdir: Path) -> dict:
+    """Run `method` in a fresh process (spawned: nothing inherited) in an empty work folder; count what it wrote
+    there and its peak memory (the largest of its processes, for the tutorial's workers)."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        proc = ctx.Process(target=_child, args=(method, corpus, Path(tmp), send))
+        proc.start()
+        result = recv.recv()
+        proc.join()
+    if proc.exitcode:
+        raise SystemExit(f"{method.__name__} failed with exit code {proc.exitcode}")
+    return result
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    return f"{cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; commit {commit.strip() or '?'}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, nargs="+", default=[100_000],
+                   help="corpus sizes in documents; every path runs on the first, ours also on the others")
+    p.add_argument("--workdir", type=Path, default=REPO / "output" / "bench-data")
+    p.add_argument("--skip-tutorial", action="store_true", help="leave out the tutorial's path (the slowest)")
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for n, docs in enumerate(args.docs):
+        corpus = args.workdir / f"corpus-{docs}.jsonl"
+        if not corpus.is_file():
+            write_demo_corpus(corpus, docs)
+        methods = [raw, ours] + ([] if args.skip_tutorial else [tutorial]) if n == 0 else [ours]
+        for method in methods:
+            result = measure(method, corpus, args.workdir)
+            rows.append(dict(result, path=method.__name__, docs=docs, mb=corpus.stat().st_size / 1e6))
+            print(f"{method.__name__} on {docs:,} documents: {result['seconds']:.1f} s", file=sys.stderr)
+
+    baseline = {row["docs"]: row["tokens"] / row["seconds"] for row in rows if row["path"] == "raw"}
+    print(f"\n{machine()}\n")
+    print("| path | documents | corpus MB | tokens | seconds | tokens/s | vs raw | bytes/token on disk | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        speed = row["tokens"] / row["seconds"]
+        ratio = f"{speed / baseline[row['docs']]:.2f}×" if row["docs"] in baseline else ""
+        per_token = f"{row['bytes_on_disk'] / row['tokens']:.2f}"
+        print(f"| {row['path']} | {row['docs']:,} | {row['mb']:,.0f} | {row['tokens']:,} | {row['seconds']:.1f} | "
+              f"{speed:,.0f} | {ratio} | {per_token} | {row['peak_rss'] / 1e6:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
