@@ -7,11 +7,13 @@ parse → check inputs → tokenize once (cached) → model → Trainer → trai
 """
 import logging
 
+import torch
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments, SampleArguments
 from seqlm.evaluation import BitsPerCharCallback
+from seqlm.memory import check_gpu_memory
 from seqlm.model import build_model, load_config_and_tokenizer
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, run_settings
 from seqlm.report import RunRecordCallback
@@ -51,6 +53,8 @@ def main() -> None:
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir)
+        if torch.cuda.is_available():
+            check_gpu_memory(config, data_args.block_size, training_args, torch.cuda.mem_get_info()[1])
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 

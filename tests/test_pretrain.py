@@ -15,7 +15,9 @@ from transformers import (
     pipeline,
 )
 
+from seqlm.memory import MASTER_AND_MOMENTS
 from seqlm.model import load_config
+from seqlm.preflight import parameter_count
 from seqlm.token_cache import BlockDataset, TokenCache
 
 
@@ -57,6 +59,19 @@ def test_checkpoint_reloads_in_stock_transformers(trained):
     assert len(tokenizer(generated[0]["generated_text"])["input_ids"]) > len(tokenizer("中国")["input_ids"])
 
 
+def assert_optimizer_shards(out, ranks: int) -> None:
+    """ZeRO splits the fp32 master weights and AdamW moments over the ranks, as the memory planner assumes."""
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shards = sorted(last.glob("global_step*/*optim_states.pt"))
+    assert len(shards) == ranks
+    expected = MASTER_AND_MOMENTS * parameter_count(load_config("tiny")) / ranks
+    assert all(abs(shard.stat().st_size / expected - 1) < 0.01 for shard in shards)
+
+
+def test_zero_optimizer_state_is_what_the_planner_counts(trained):
+    assert_optimizer_shards(trained[0], ranks=1)
+
+
 def test_rerun_resumes_from_the_last_checkpoint(trained, data):
     out, _ = trained
     log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "40", "--eval_steps", "15", "--save_steps", "15",
@@ -71,7 +86,7 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, data):
 def test_two_ranks_see_each_block_once_per_epoch(data, tmp_path):
     out = tmp_path / "out"
     pretrain_sh(data, out, *TINY_RUN, "--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy",
-                      "no", train=data["small"], ranks=2)
+                "epoch", train=data["small"], ranks=2)
     cache = next(p for p in data["cache"].iterdir() if p.name.startswith("small.jsonl-"))
     blocks = len(BlockDataset(cache, BLOCK))
     per_step = 2 * 4
@@ -81,6 +96,7 @@ def test_two_ranks_see_each_block_once_per_epoch(data, tmp_path):
     # Every block once; the distributed sampler may repeat a few to make the last global batch whole.
     assert blocks * BLOCK <= seen < (blocks + per_step) * BLOCK
     assert len(swanlab_runs(out)) == 1
+    assert_optimizer_shards(out, ranks=2)
 
 
 def test_real_qwen25_05b_takes_a_step(data, tmp_path):

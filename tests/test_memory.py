@@ -1,0 +1,75 @@
+"""The memory planner against what the model really keeps: every tensor autograd saves in a bf16 forward pass of
+transformers' Qwen2, counted once per storage, at several shapes (the real 0.5B widths included)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from seqlm.memory import GB, advice, largest_micro_batch, plan_memory, saved_activation_bytes
+from seqlm.model import load_config
+from seqlm.preflight import parameter_count
+
+BATCH, SEQ = 2, 64
+
+
+def shaped(preset: str, **sizes) -> Qwen2Config:
+    config = load_config(preset).to_dict()
+    config.pop("layer_types", None)  # derived from the number of layers
+    return Qwen2Config(**{**config, **sizes})
+
+
+def saved_bytes(config: Qwen2Config, checkpointing: bool) -> int:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, 1000, (BATCH, SEQ))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    return sum(size for ptr, size in storages.items() if ptr not in weights)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("config", [
+    shaped("tiny"),
+    shaped("tiny", num_hidden_layers=3, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
+           head_dim=64),
+    shaped("qwen2.5-0.5b", num_hidden_layers=2),  # the real widths, two of its 24 layers
+], ids=["tiny", "gqa-4", "qwen2.5-0.5b-widths"])
+def test_saved_activations_match_the_formula(config, checkpointing):
+    tokens = BATCH * SEQ
+    log_softmax = 4 * config.vocab_size * tokens  # the loss keeps its fp32 log-softmax: counted with the logits
+    measured = saved_bytes(config, checkpointing) - log_softmax
+    assert saved_activation_bytes(config, tokens, checkpointing) == pytest.approx(measured, rel=0.01)
+
+
+def test_plan_grows_with_the_batch_and_shrinks_with_zero():
+    config = load_config("qwen2.5-0.5b")
+    n = parameter_count(config)
+    one, two, eight = (plan_memory(config, n, b, 2048).total for b in (1, 2, 8))
+    assert eight - one == pytest.approx(7 * (two - one))  # weights and optimizer are paid once, tokens per sequence
+    single, sharded = (plan_memory(config, n, 4, 2048, world_size=w, zero_stage=2) for w in (1, 8))
+    assert sharded.optimizer == pytest.approx(single.optimizer / 8)
+    assert plan_memory(config, n, 8, 2048, fused_cross_entropy=True).total < plan_memory(config, n, 8, 2048).total
+
+
+def test_advice_keeps_the_global_batch_and_fits():
+    config = load_config("qwen2.5-0.5b")
+    n = parameter_count(config)
+    gpu = 24 * GB
+    fitting = largest_micro_batch(config, n, gpu, 2048, checkpointing=False)
+    assert plan_memory(config, n, fitting, 2048, checkpointing=False).total <= gpu
+    assert plan_memory(config, n, fitting + 1, 2048, checkpointing=False).total > gpu
+    assert advice(config, n, 80 * GB, 4, 16, 2048, checkpointing=False) is None
+    line = advice(config, n, gpu, 8, 8, 2048, checkpointing=False)
+    flags = line.split("use ")[1].split()
+    micro, accumulation = int(flags[1]), int(flags[3])
+    assert micro * accumulation == 8 * 8 and micro <= fitting
