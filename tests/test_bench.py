@@ -1,0 +1,33 @@
+"""The benchmarks stay runnable: each runs here at its smallest size (their numbers are in docs/benchmarks.md)."""
+import json
+import subprocess
+import sys
+
+from helpers import REPO, free_port
+
+
+def bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_bench_smoke_runs_variants_with_matching_losses(data, tmp_path):
+    out = bench("train.py", "--smoke", "--steps", "4", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+                "--train_file", str(data["train"]), "--tokenizer", str(data["tokenizer"]),
+                "--master_port", str(free_port()), "--variants", "no activation checkpointing,ZeRO stage 0")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["variant"] for r in results] == ["tutorial", "no activation checkpointing", "ZeRO stage 0"]
+    assert all(len(r["losses"]) == 4 and r["tokens_per_second"] > 0 for r in results)
+    # fp32 on CPU: recomputing activations or dropping ZeRO changes no arithmetic that matters
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows), out
+
+
+def test_data_bench_compares_three_paths(tmp_path):
+    out = bench("data.py", "--docs", "1500", "--workdir", str(tmp_path))
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"raw", "ours", "tutorial"} <= rows.keys()
+    tokens = {name: int(rows[name].split("|")[4].replace(",", "")) for name in ("raw", "ours")}
+    assert tokens["ours"] == tokens["raw"]  # every document and its separator, nothing dropped
