@@ -11,12 +11,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import Subset
 from transformers import set_seed
 
 from seqlm import paths
 from seqlm.arguments import ModelArguments, PretrainingArguments, SampleArguments
 from seqlm.checkpoint import check_checkpoint
+from seqlm.memory import check_gpu_memory
 from seqlm.model import build_model, check_compatible, load_config
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run
 from seqlm.report import RunRecordCallback
@@ -133,6 +135,8 @@ def main() -> None:
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir)
+        if torch.cuda.is_available():  # batches are padded to their longest: at worst --max_length
+            check_gpu_memory(config, data_args.max_length, training_args, torch.cuda.mem_get_info()[1])
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 

@@ -75,9 +75,11 @@ class PretrainingArguments(TrainingArguments):
     warmup_steps: float = field(default=200, metadata={"help": "Linear warm-up steps (a float < 1 is a ratio)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    activation_checkpointing: bool | None = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass: less memory, ~20%% more compute "
-                                        "(the tutorial's --gradient_checkpointing, which still works)."})
+    activation_checkpointing: str = field(  # str: the parser would read `bool | str` as a bool
+        default="auto", metadata={
+            "help": "Recompute activations in the backward pass: much less memory, about a third more compute. auto: "
+                    "off on a GPU where the memory planner finds the run fits without it, else on; true; false. The "
+                    "tutorial's --gradient_checkpointing still works.", "choices": ["auto", "true", "false"]})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: steps, epoch or no."})
     eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
@@ -97,4 +99,7 @@ class PretrainingArguments(TrainingArguments):
         # The deprecated alias still wins when given, as in TrainingArguments; here the new name has a default.
         if self.gradient_checkpointing is not None:
             self.activation_checkpointing = self.gradient_checkpointing
+        # "auto" starts as on (safe); seqlm.memory.check_gpu_memory turns it off once it knows the run fits.
+        self.checkpointing_auto = self.activation_checkpointing == "auto"
+        self.activation_checkpointing = str(self.activation_checkpointing).lower() in ("auto", "true", "1")
         super().__post_init__()

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 GB = 1e9
 CUDA_OVERHEAD = 1.5 * GB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 1.1  # the caching allocator rounds and fragments
+AUTO_HEADROOM = 0.9  # --activation_checkpointing auto turns it off only with this share of the GPU to spare
 MASTER_AND_MOMENTS = 12  # bytes per parameter: fp32 master weights and AdamW's two fp32 moments
 FP32_GRADIENTS = 4
 
@@ -153,14 +154,20 @@ def zero_stage(training_args) -> int | None:
 
 def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, gpu_bytes: float) -> None:
     """Log the plan of this run; warn, with flags that fit, when it exceeds the GPU. A warning, not an error: the
-    estimate can be off by a few GB, and the user may know better."""
+    estimate can be off by a few GB, and the user may know better. With --activation_checkpointing auto, turn
+    checkpointing off when the run fits without it: the same arithmetic, a third less compute."""
     from .preflight import parameter_count
 
     parameters = parameter_count(config)
     settings = dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
-                    checkpointing=bool(training_args.activation_checkpointing),
                     fused_cross_entropy=bool(training_args.use_liger_kernel))
     micro_batch = training_args.per_device_train_batch_size
+    if getattr(training_args, "checkpointing_auto", False):
+        without = plan_memory(config, parameters, micro_batch, block_size, checkpointing=False, **settings)
+        training_args.activation_checkpointing = without.total > AUTO_HEADROOM * gpu_bytes
+        log.info("activation checkpointing %s (--activation_checkpointing auto): without it %s, the GPU has %.0f GB",
+                 "on" if training_args.activation_checkpointing else "off", without.summary(), gpu_bytes / GB)
+    settings["checkpointing"] = bool(training_args.activation_checkpointing)
     log.info("memory plan: %s", plan_memory(config, parameters, micro_batch, block_size, **settings).summary())
     warning = advice(config, parameters, gpu_bytes, micro_batch, training_args.gradient_accumulation_steps,
                      block_size, **settings)

@@ -1,10 +1,14 @@
 """The memory planner against what the model really keeps: every tensor autograd saves in a bf16 forward pass of
 transformers' Qwen2, counted once per storage, at several shapes (the real 0.5B widths included)."""
+import logging
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+from helpers import REPO
+from transformers import AutoModelForCausalLM, HfArgumentParser, Qwen2Config
 
-from seqlm.memory import GB, advice, largest_micro_batch, plan_memory, saved_activation_bytes
+from seqlm.arguments import PretrainingArguments
+from seqlm.memory import GB, advice, check_gpu_memory, largest_micro_batch, plan_memory, saved_activation_bytes
 from seqlm.model import load_config
 from seqlm.preflight import parameter_count
 
@@ -73,3 +77,37 @@ def test_advice_keeps_the_global_batch_and_fits():
     flags = line.split("use ")[1].split()
     micro, accumulation = int(flags[1]), int(flags[3])
     assert micro * accumulation == 8 * 8 and micro <= fitting
+
+
+def parse(*flags: str) -> PretrainingArguments:
+    return HfArgumentParser(PretrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--report_to", "none", *flags])[0]
+
+
+@pytest.mark.parametrize("flags, on, auto", [
+    ([], True, True),
+    (["--activation_checkpointing", "false"], False, False),
+    (["--activation_checkpointing", "true"], True, False),
+    (["--gradient_checkpointing", "false"], False, False),  # the tutorial's flag still wins
+    (["--gradient_checkpointing", "true"], True, False),
+])
+def test_activation_checkpointing_flags(flags, on, auto):
+    args = parse(*flags)
+    assert (args.activation_checkpointing, args.checkpointing_auto) == (on, auto)
+
+
+@pytest.mark.parametrize("gpu_gb, on", [(141, False), (32, True)])
+def test_auto_checkpointing_turns_off_only_when_the_run_fits(gpu_gb, on, caplog):
+    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
+    with caplog.at_level(logging.INFO):
+        check_gpu_memory(load_config("qwen2.5-0.5b"), 2048, args, gpu_gb * GB)
+    assert args.activation_checkpointing is on
+    assert f"activation checkpointing {'on' if on else 'off'}" in caplog.text
+    assert "run out of GPU memory" not in caplog.text  # with checkpointing, 4 x 2048 fits 32 GB
+
+
+def test_a_run_that_cannot_fit_is_warned_with_flags(caplog):
+    args = parse("--per_device_train_batch_size", "16", "--activation_checkpointing", "false")
+    with caplog.at_level(logging.INFO):
+        check_gpu_memory(load_config("qwen2.5-0.5b"), 2048, args, 24 * GB)
+    assert "run out of GPU memory" in caplog.text and "--gradient_accumulation_steps" in caplog.text
