@@ -22,6 +22,9 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from .model import load_config
+from .preflight import parameter_count
+
 log = logging.getLogger(__name__)
 
 GB = 1e9
@@ -156,8 +159,6 @@ def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, g
     """Log the plan of this run; warn, with flags that fit, when it exceeds the GPU. A warning, not an error: the
     estimate can be off by a few GB, and the user may know better. With --activation_checkpointing auto, turn
     checkpointing off when the run fits without it: the same arithmetic, a third less compute."""
-    from .preflight import parameter_count
-
     parameters = parameter_count(config)
     settings = dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
                     fused_cross_entropy=bool(training_args.use_liger_kernel))
@@ -171,14 +172,11 @@ def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, g
     log.info("memory plan: %s", plan_memory(config, parameters, micro_batch, block_size, **settings).summary())
     warning = advice(config, parameters, gpu_bytes, micro_batch, training_args.gradient_accumulation_steps,
                      block_size, **settings)
-    if warning:
+    if warning and training_args.should_log:  # once, not once per GPU
         log.warning("this run will probably run out of GPU memory: %s", warning)
 
 
 def main() -> None:
-    from .model import load_config
-    from .preflight import parameter_count
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_name", default="qwen2.5-0.5b", help="preset (configs/) or config.json")
     p.add_argument("--block_size", type=int, default=2048)
