@@ -74,7 +74,8 @@ def run(variant: Variant, flags: list[str], args) -> dict:
                "--warmup_steps", str(args.steps // 4), "--learning_rate", "3e-4", "--logging_steps", "1",
                "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--sample_steps", "0",
                "--disable_tqdm", "true", "--seed", "42", *flags]
-    env = {**os.environ, "MASTER_PORT": str(args.master_port), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "MASTER_PORT": str(args.master_port),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the launcher of this Python
     start = time.perf_counter()
     with open(args.out / "train.log", "a") as log:
         log.write(f"\n===== {variant.name}: {' '.join(command)}\n")

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .fileio import atomic_output
 from .tokenizer import offline_tokenizer_dir
@@ -45,10 +45,11 @@ def demo_documents(doc_chars: int = DOC_CHARS) -> Iterator[str]:
         yield "\n".join(doc)
 
 
-def write_demo_corpus(path: str | os.PathLike, num_docs: int | None = None) -> int:
-    """Write the corpus as JSON Lines; returns the number of documents. With `num_docs`, the documents are repeated
-    in order up to that many (benchmarks use it to grow a seq-monkey-shaped corpus to any size)."""
-    docs = list(demo_documents())
+def write_demo_corpus(path: str | os.PathLike, num_docs: int | None = None,
+                      documents: Iterable[str] | None = None) -> int:
+    """Write the corpus (or other `documents`) as JSON Lines; returns the number of documents. With `num_docs`, the
+    documents are repeated in order up to that many (benchmarks use it to grow a corpus to any size)."""
+    docs = list(documents if documents is not None else demo_documents())
     num_docs = num_docs or len(docs)
     lines = [(json.dumps({"text": text}, ensure_ascii=False) + "\n").encode() for text in docs]
     with atomic_output(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:

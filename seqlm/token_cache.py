@@ -61,7 +61,7 @@ def _text_batches(path: Path, stats: LineStats, bar: tqdm) -> Iterator[list[str]
 
 
 def _prefetch(items: Iterable, depth: int = 4) -> Iterator:
-    """Produce `items` in a thread, so JSON parsing overlaps the tokenizer (which releases the GIL)."""
+    """Produce `items` in a thread, to overlap the stages of tokenizing (the tokenizer releases the GIL)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -89,9 +89,11 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
     with open(folder / "tokens.bin", "wb") as out, open(lengths_path, "wb") as lengths, \
             tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {source.name}",
                  mininterval=1) as bar:
-        for texts in _prefetch(_text_batches(source, stats, bar)):
-            docs = [np.asarray(e.ids + [separator_id], dtype=TOKEN_DTYPE)
-                    for e in encode(texts, add_special_tokens=False)]
+        # Three stages overlap: reading JSON, tokenizing (native threads) and turning ids into arrays here.
+        encoded = _prefetch((texts, encode(texts, add_special_tokens=False))
+                            for texts in _prefetch(_text_batches(source, stats, bar)))
+        for texts, encodings in encoded:
+            docs = [np.asarray(e.ids + [separator_id], dtype=TOKEN_DTYPE) for e in encodings]
             ids = np.concatenate(docs)
             out.write(ids.tobytes())
             lengths.write(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)).tobytes())

@@ -14,7 +14,8 @@ def bench(script: str, *args: str) -> str:
 
 
 def test_train_bench_smoke_runs_variants_with_matching_losses(data, tmp_path):
-    out = bench("train.py", "--smoke", "--steps", "4", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+    out = bench("train.py", "--smoke", "--steps", "4", "--out", str(tmp_path / "out"),
+                "--workdir", str(tmp_path / "work"),
                 "--train_file", str(data["train"]), "--tokenizer", str(data["tokenizer"]),
                 "--master_port", str(free_port()), "--variants", "no activation checkpointing,ZeRO stage 0")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -28,6 +29,6 @@ def test_train_bench_smoke_runs_variants_with_matching_losses(data, tmp_path):
 def test_data_bench_compares_three_paths(tmp_path):
     out = bench("data.py", "--docs", "1500", "--workdir", str(tmp_path))
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert {"raw", "ours", "tutorial"} <= rows.keys()
+    assert {"raw", "raw_ids", "ours", "tutorial"} <= rows.keys()
     tokens = {name: int(rows[name].split("|")[4].replace(",", "")) for name in ("raw", "ours")}
     assert tokens["ours"] == tokens["raw"]  # every document and its separator, nothing dropped
