@@ -9,6 +9,7 @@ process, so its peak memory is its own.
 The corpus is People's Daily (1998) in documents of ≈ 900 characters, the seq-monkey average, repeated to size.
 """
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,18 +39,20 @@ def tokenizer():
 
 
 def _encode_all(corpus: Path, read_ids: bool) -> dict:
-    with open(corpus, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
+    """Only the tokenizer's calls are timed: reading and JSON parsing happen between them, off the clock."""
     encode = tokenizer().backend_tokenizer.encode_batch_fast
-    start, tokens = time.perf_counter(), 0
-    for i in range(0, len(texts), BATCH):
-        encodings = encode(texts[i:i + BATCH], add_special_tokens=False)
-        tokens += sum(len(e.ids if read_ids else e) + 1 for e in encodings)
-    return dict(seconds=time.perf_counter() - start, tokens=tokens)
+    seconds, tokens = 0.0, 0
+    with open(corpus, encoding="utf-8") as f:
+        while texts := [json.loads(line)["text"] for line in itertools.islice(f, BATCH)]:
+            start = time.perf_counter()
+            encodings = encode(texts, add_special_tokens=False)
+            tokens += sum(len(e.ids if read_ids else e) + 1 for e in encodings)
+            seconds += time.perf_counter() - start
+    return dict(seconds=seconds, tokens=tokens)
 
 
 def raw(corpus: Path, workdir: Path) -> dict:
-    """The ceiling: the fast tokenizer's batch encoder on texts already in memory, nothing read out of it."""
+    """The ceiling: the fast tokenizer's batch encoder alone, nothing read out of it."""
     return _encode_all(corpus, read_ids=False)
 
 
