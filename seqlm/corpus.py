@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
+import math
 import os
 import tarfile
 import zlib
@@ -14,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TypeVar
 
+import orjson
+
 BOM = b"\xef\xbb\xbf"
 MAX_EXAMPLES = 5  # first line numbers kept per skip reason
+# Bytes read at a time. Small enough that a block and its copies (lines, output) stay in the CPU cache: 1 MB blocks
+# measured 40% slower.
+BLOCK = 1 << 16
 T = TypeVar("T")
 
 
@@ -24,7 +31,10 @@ class BadLine(ValueError):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+    def __reduce__(self):  # pickled whole: seqlm.subset parses in another process
+        return type(self), (self.reason, self.detail)
 
 
 class CorruptInput(IOError):
@@ -102,6 +112,22 @@ def check_encodable(raw: bytes, text: str) -> None:
 
 def parse_line(raw: bytes) -> str:
     """Return the document text of one raw line, or raise BadLine saying why it is unusable."""
+    # orjson is several times faster than json.loads, and stricter: what it parses, json.loads parses alike (but
+    # for integers beyond 64 bits, which orjson makes floats), and besides what is skipped below anyway (invalid
+    # UTF-8, lone surrogates) it refuses a few lines that json.loads takes (a BOM, NaN, nesting deeper than 1024). So
+    # a line it parses into a usable text is valid as it is; any other line is judged, and its reason named, the
+    # exact way.
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if isinstance(text, str) and text and not text.isspace():  # as text.strip(), without copying the text
+        return text
+    return _parse_line_exactly(raw)
+
+
+def _parse_line_exactly(raw: bytes) -> str:
     obj = load_object(raw)
     if "text" not in obj:
         raise BadLine("missing_text")
@@ -146,24 +172,63 @@ def read_lines(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: b
     `parse` turns a raw line into its content or raises BadLine: by default a document's text (for conversations,
     seqlm.conversation.parse_conversation); len() of a content is its size in characters. A truncated compressed stream is always an
     error: the lines before it were yielded already."""
+    for raws, contents in read_blocks(f, path, stats, strict, parse):
+        yield from zip(raws, contents)
+
+
+def read_blocks(f: BinaryIO, path: str | os.PathLike, stats: LineStats, strict: bool = False,
+                parse: Callable[[bytes], T] = parse_line,
+                limit: int | None = None) -> Iterator[tuple[list[bytes], list[T]]]:
+    """read_lines a block at a time, for callers that have no work to do per line: the raw lines and contents of
+    the valid lines in about BLOCK bytes of `f` (a buffered file, as open_corpus gives), never none. `stats` counts
+    a block before it is yielded. With `limit`, reading stops right after that many valid lines, so `stats` counts
+    no line beyond them."""
     lineno = 0
+    remaining = math.inf if limit is None else limit
     try:
-        for raw in f:
-            lineno += 1
-            stats.lines += 1
-            try:
-                content = parse(raw)
-            except BadLine as e:
-                if strict:
-                    raise BadLine(e.reason, f"{path}:{lineno}: {e} (rerun without --strict to skip bad lines)") from None
-                stats.skip(lineno, e.reason)
-                continue
-            stats.valid += 1
-            stats.chars += len(content)
-            stats.bytes += len(raw)
-            yield raw, content
+        for lines in line_blocks(f):
+            raws, contents, first, bad = [], [], lineno, None
+            for raw in lines:
+                lineno += 1
+                try:
+                    contents.append(parse(raw))
+                except BadLine as e:
+                    if strict:
+                        bad = BadLine(e.reason, f"{path}:{lineno}: {e} (rerun without --strict to skip bad lines)")
+                        break
+                    stats.skip(lineno, e.reason)
+                    continue
+                raws.append(raw)
+                if len(raws) == remaining:
+                    break
+            stats.lines += lineno - first
+            stats.valid += len(raws)
+            stats.chars += sum(map(len, contents))
+            stats.bytes += sum(map(len, raws))
+            if raws:
+                yield raws, contents
+            if bad is not None:  # after the valid lines before it, as a line by line reader would
+                raise bad
+            remaining -= len(raws)
+            if not remaining:
+                return
     except (EOFError, tarfile.ReadError, OSError, zlib.error) as e:
         raise CorruptInput(f"{path}: the archive ends early or is damaged after line {lineno:,} ({e})") from None
+
+
+def line_blocks(f: BinaryIO) -> Iterator[list[bytes]]:
+    """The lines of `f`, split at b"\\n" only and with it, as iterating a binary file gives them, but a block at a time.
+    read1 returns what one read of the underlying stream gives: when a damaged archive fails, the lines before are
+    out already."""
+    pieces: list[bytes] = []  # a line not ended yet, collected whole only once it ends: linear in a 50 MB line
+    while chunk := f.read1(BLOCK):
+        pieces.append(chunk)
+        if b"\n" in chunk:
+            lines = io.BytesIO(b"".join(pieces)).readlines()
+            pieces = [] if lines[-1].endswith(b"\n") else [lines.pop()]
+            yield lines
+    if pieces:  # the last line, without newline
+        yield [b"".join(pieces)]
 
 
 def iter_texts(path: str | os.PathLike, stats: LineStats | None = None) -> Iterator[str]:

@@ -32,3 +32,9 @@ def test_data_bench_compares_three_paths(tmp_path):
     assert {"raw", "raw_ids", "ours", "tutorial"} <= rows.keys()
     tokens = {name: int(rows[name].split("|")[4].replace(",", "")) for name in ("raw", "ours")}
     assert tokens["ours"] == tokens["raw"]  # every document and its separator, nothing dropped
+
+
+def test_subset_bench_compares_with_head(tmp_path):
+    out = bench("subset.py", "--docs", "3000", "--lines", "2000", "--workdir", str(tmp_path), "--repeat", "1")
+    assert "\n| head -n | " in out and "\n| make_subset.py | " in out
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus-3000.jsonl"]  # the outputs were compared and removed

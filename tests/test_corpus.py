@@ -1,9 +1,11 @@
 """seqlm.corpus: reading a seq-monkey JSON Lines corpus, plain or archived, and judging each line."""
+import io
 import json
 import tarfile
 
 import pytest
 
+from seqlm import corpus
 from seqlm.corpus import (
     BadLine,
     CorruptInput,
@@ -25,6 +27,12 @@ KINDS = ("tar.bz2", "tar.gz", "jsonl.gz", "jsonl.bz2")
     (b'{"text": "\\u4eba\\u6c11"}\n', "人民"),                              # ensure_ascii escapes
     (b'{"text": "smile \\ud83d\\ude00"}\n', "smile \U0001F600"),           # an escaped surrogate *pair* is fine
     (b'{"id": 7, "text": " x ", "meta": {"a": [1]}}\n', " x "),            # other keys ignored, text kept as is
+    # what json.loads takes and orjson (the fast path) does not: judged as json.loads judges it
+    (b'{"text": "x", "score": NaN}\n', "x"),
+    (b'{"text": "x", "id": 123456789012345678901234567890}\n', "x"),
+    (b'{"text": "x", "note": "\\ud800"}\n', "x"),                        # a lone surrogate outside the text
+    (b'{"text": 1, "text": "x"}\n', "x"),                                  # a repeated key: the last one counts
+    (b'{"text":\r"x"}\n', "x"),                                           # a bare CR is JSON whitespace
 ])
 def test_parse_line_accepts(raw, text):
     assert parse_line(raw) == text
@@ -44,6 +52,8 @@ def test_parse_line_accepts(raw, text):
     (b'{"title": "no text key"}\n', "missing_text"),
     (b'{"text": ""}\n', "empty_text"),
     (b'{"text": " \\n\\t "}\n', "empty_text"),
+    ('{"text": "\u3000 "}\n'.encode(), "empty_text"),                       # an ideographic space is a space too
+    (b'{"text": NaN}\n', "text_not_a_string"),
     (b'{"text": 42}\n', "text_not_a_string"),
     (b'{"text": null}\n', "text_not_a_string"),
     (b'{"text": ["a"]}\n', "text_not_a_string"),
@@ -81,6 +91,22 @@ def test_iter_texts_and_stats(tmp_path, peoples_daily_texts, peoples_daily_lines
     assert stats.examples == {"invalid_json": [2], "blank_line": [4]}
     assert stats.chars == sum(map(len, peoples_daily_texts[:3]))
     assert stats.bytes == sum(map(len, peoples_daily_lines[:3]))
+
+
+@pytest.mark.parametrize("block", [2, 7, corpus.BLOCK])
+def test_lines_are_split_at_newlines_only_whatever_the_block_size(tmp_path, peoples_daily_lines, monkeypatch, block):
+    monkeypatch.setattr(corpus, "BLOCK", block)  # 2 and 7: every line runs over many blocks
+    odd = [b'{"text":\r"cr"}\n', b"\n", b'{"text": "crlf"}\r\n', b'{"text": "end"}']  # a bare CR, no final newline
+    data = b"".join(peoples_daily_lines[:3] + odd)
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(data)
+    stats = LineStats()
+    with open_corpus(path) as f:
+        got = list(read_lines(f, path, stats))
+    lines = list(io.BytesIO(data))  # as iterating a binary file splits them
+    assert [raw for raw, _ in got] == [line for line in lines if line != b"\n"]
+    assert [text for _, text in got][3:] == ["cr", "crlf", "end"]
+    assert (stats.lines, stats.valid, stats.skipped) == (len(lines), len(lines) - 1, {"blank_line": 1})
 
 
 def test_examples_keep_the_first_five_line_numbers(tmp_path, peoples_daily_lines):

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from seqlm import corpus
 from seqlm.corpus import BadLine, CorruptInput
 from seqlm.fileio import partial_name
 from seqlm.subset import NotEnoughLines, make_subset
@@ -172,7 +173,9 @@ def _mixed_corpus(real: list[bytes]):
     return [raw for raw, _ in rows], [raw for raw, reason in rows if reason is None], where
 
 
-def test_bad_lines_are_skipped_and_reported(tmp_path, peoples_daily_lines, peoples_daily_texts):
+@pytest.mark.parametrize("block", [7, corpus.BLOCK])  # 7 bytes: lines run over many blocks
+def test_bad_lines_are_skipped_and_reported(tmp_path, peoples_daily_lines, peoples_daily_texts, monkeypatch, block):
+    monkeypatch.setattr(corpus, "BLOCK", block)
     rows, valid, where = _mixed_corpus(peoples_daily_lines)
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"".join(rows))
@@ -221,6 +224,15 @@ def test_strict_stops_at_the_first_bad_line(tmp_path, peoples_daily_lines, sampl
     # strict on a clean prefix: the two first lines (BOM, plain) are valid, so it succeeds without reading line 3
     make_subset(path, tmp_path / "train.jsonl", 2, strict=True)
     assert (tmp_path / "train.jsonl").read_bytes() == b"".join(rows[:2])
+
+
+def test_a_failing_parse_hook_fails_the_copy(tmp_path, peoples_daily_jsonl):
+    def broken(raw: bytes) -> str:  # a bug, not a bad line: the parsing process passes it on
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError, match="bug"):
+        make_subset(peoples_daily_jsonl, tmp_path / "train.jsonl", 5, parse=broken)
+    assert leftovers(tmp_path, peoples_daily_jsonl) == []
 
 
 # ---------------------------------------------------------------- damaged input, atomic output
