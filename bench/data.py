@@ -13,9 +13,7 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from seqlm.corpus import iter_texts  # noqa: E402
 from seqlm.demo import write_demo_corpus  # noqa: E402
+from seqlm.report import provenance  # noqa: E402
 from seqlm.tokenizer import offline_tokenizer_dir  # noqa: E402
 
 SEPARATOR = 151643  # <|endoftext|>, as pretrain.py separates documents
@@ -121,13 +120,6 @@ def measure(method, corpus: Path, workdir: Path) -> dict:
     return result
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    return f"{cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; commit {commit.strip() or '?'}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, nargs="+", default=[100_000],
@@ -150,7 +142,7 @@ def main() -> None:
             print(f"{method.__name__} on {docs:,} documents: {result['seconds']:.1f} s", file=sys.stderr)
 
     baseline = {row["docs"]: row["tokens"] / row["seconds"] for row in rows if row["path"] == "raw"}
-    print(f"\n{machine()}\n")
+    print(f"\n{provenance()}\n")
     print("| path | documents | corpus MB | tokens | seconds | tokens/s | vs raw | bytes/token on disk | peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:

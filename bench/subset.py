@@ -6,7 +6,6 @@ LINES lines, make_subset.py validating each one as well. Builds the corpus (real
     python bench/subset.py --docs 700000 --repeat 5      # ≈ 2 GB, best of 5 runs of each
 """
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -17,19 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from seqlm.demo import write_demo_corpus  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
-def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+from seqlm.report import provenance  # noqa: E402
 
 
 def timed(command: list[str] | str, shell: bool = False) -> float:
@@ -95,8 +82,7 @@ def main() -> None:
 
     print(f"Copying the first {lines:,} lines ({megabytes:,.0f} MB) of {corpus} ({corpus.stat().st_size / 1e6:,.0f} MB)"
           f", page cache warm, best of {args.repeat}.")
-    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores. Date: {time.strftime('%Y-%m-%d %H:%M')}. "
-          f"Commit: {commit()}.\n")
+    print(f"{provenance()}\n")
     print("| tool | seconds | MB/s | speed ratio to head | all runs (s) |")
     print("|---|---|---|---|---|")
     best_head = min(runs["head -n"])

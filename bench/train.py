@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from seqlm.demo import copy_offline_tokenizer, write_demo_corpus  # noqa: E402
+from seqlm.report import provenance  # noqa: E402
 
 LOSS_TOLERANCE = 0.02  # largest relative difference from the tutorial's loss, at any step, that still "matches"
 
@@ -164,11 +165,9 @@ def main() -> int:
         if not variant.alternative and "error" not in result:
             flags += variant.flags
 
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    header = (f"{device}; {args.preset}, block {args.block_size}, global batch {args.micro_batch * args.accumulation} "
-              f"sequences, {args.steps} steps (timing: the last {args.steps - args.skip}); "
-              f"{time.strftime('%Y-%m-%d')}; commit {commit.stdout.strip() or '?'}")
+    header = (f"{provenance()}\n{args.preset}, block {args.block_size}, global batch "
+              f"{args.micro_batch * args.accumulation} sequences, {args.steps} steps (timing: the last "
+              f"{args.steps - args.skip})")
     text = f"{header}\n\n{table(results)}\n"
     print(text)
     (args.out / "results.md").write_text(text)

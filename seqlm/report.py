@@ -87,6 +87,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def provenance() -> str:
+    """One line for a benchmark's output: the hardware, the date and the exact code."""
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return (f"{gpu}{cpu_name()} ({os.cpu_count()} cores); {datetime.date.today()}; "
+            f"commit {git_commit() or 'unknown'}")
+
+
 def hardware(world_size: int) -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return dict(cpu=cpu_name(), cpu_cores=os.cpu_count(), gpus=gpus, processes=world_size,
