@@ -79,7 +79,7 @@ class PretrainingArguments(TrainingArguments):
         default="auto", metadata={
             "help": "Recompute activations in the backward pass: much less memory, about a third more compute. auto: "
                     "off on a GPU where the memory planner finds the run fits without it, else on; true; false. The "
-                    "tutorial's --gradient_checkpointing still works.", "choices": ["auto", "true", "false"]})
+                    "tutorial's --gradient_checkpointing still works."})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, learning rate and throughput every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: steps, epoch or no."})
     eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps."})
@@ -100,6 +100,9 @@ class PretrainingArguments(TrainingArguments):
         if self.gradient_checkpointing is not None:
             self.activation_checkpointing = self.gradient_checkpointing
         # "auto" starts as on (safe); seqlm.memory.check_gpu_memory turns it off once it knows the run fits.
-        self.checkpointing_auto = self.activation_checkpointing == "auto"
-        self.activation_checkpointing = str(self.activation_checkpointing).lower() in ("auto", "true", "1")
+        value = str(self.activation_checkpointing).lower()
+        if value not in ("auto", "true", "false", "yes", "no", "1", "0"):
+            raise ValueError(f"--activation_checkpointing {self.activation_checkpointing}: use auto, true or false")
+        self.checkpointing_auto = value == "auto"
+        self.activation_checkpointing = value in ("auto", "true", "yes", "1")
         super().__post_init__()

@@ -29,12 +29,15 @@ def fail(message: str) -> NoReturn:
 def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
     """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
     parser = HfArgumentParser(dataclass_types)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-        parsed = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-    else:
-        parsed = parser.parse_args_into_dataclasses()
+    try:
+        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+        else:
+            parsed = parser.parse_args_into_dataclasses()
+    except ValueError as e:  # a value the arguments' own checks refuse: one line, not a traceback
+        fail(str(e).splitlines()[0])
     for args in parsed:
         if getattr(args, "hub_token", None):  # huggingface_hub reads it from the environment; saved arguments must not
             os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None

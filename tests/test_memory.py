@@ -1,6 +1,8 @@
 """The memory planner against what the model really keeps: every tensor autograd saves in a bf16 forward pass of
 transformers' Qwen2, counted once per storage, at several shapes (the real 0.5B widths included)."""
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,12 +90,22 @@ def parse(*flags: str) -> PretrainingArguments:
     ([], True, True),
     (["--activation_checkpointing", "false"], False, False),
     (["--activation_checkpointing", "true"], True, False),
+    (["--activation_checkpointing", "False"], False, False),
     (["--gradient_checkpointing", "false"], False, False),  # the tutorial's flag still wins
     (["--gradient_checkpointing", "true"], True, False),
 ])
 def test_activation_checkpointing_flags(flags, on, auto):
     args = parse(*flags)
     assert (args.activation_checkpointing, args.checkpointing_auto) == (on, auto)
+
+
+def test_activation_checkpointing_rejects_other_values():
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        parse("--activation_checkpointing", "sometimes")
+    result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--activation_checkpointing", "sometimes"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "--activation_checkpointing sometimes: use auto, true or false"
 
 
 @pytest.mark.parametrize("gpu_gb, on", [(141, False), (32, True)])
