@@ -113,10 +113,14 @@ def measure(method, corpus: Path, workdir: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         proc = ctx.Process(target=_child, args=(method, corpus, Path(tmp), send))
         proc.start()
-        result = recv.recv()
+        send.close()  # the child's copy stays open: if it dies, recv() ends instead of waiting forever
+        try:
+            result = recv.recv()
+        except EOFError:
+            result = None
         proc.join()
-    if proc.exitcode:
-        raise SystemExit(f"{method.__name__} failed with exit code {proc.exitcode}")
+    if result is None or proc.exitcode:
+        raise SystemExit(f"{method.__name__} failed with exit code {proc.exitcode} (its traceback is above)")
     return result
 
 
