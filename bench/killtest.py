@@ -20,14 +20,19 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from helpers import TINY_RUN, pretrain_command, write_jsonl  # noqa: E402  (the tests' launcher helpers)
+from helpers import TINY_RUN, free_port, pretrain_command, write_jsonl  # noqa: E402  (the tests' launcher helpers)
 
 from seqlm.demo import copy_offline_tokenizer, demo_documents  # noqa: E402
 from seqlm.resume import MARKER, latest_complete_checkpoint  # noqa: E402
 
 
+# One port for every run: a killed run cannot remove DeepSpeed's shared-memory buffer, named by the port, so the
+# next run reuses it instead of adding one.
+PORT = free_port()
+
+
 def start(data, out: Path, args: list[str]) -> subprocess.Popen:
-    command, env = pretrain_command(data, out, *args)
+    command, env = pretrain_command(data, out, *args, MASTER_PORT=str(PORT))
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
