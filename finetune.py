@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Subset
 from transformers import set_seed
 
@@ -135,8 +134,8 @@ def main() -> None:
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir)
-        if torch.cuda.is_available():  # batches are padded to their longest: at worst --max_length
-            check_gpu_memory(config, data_args.max_length, training_args, torch.cuda.mem_get_info()[1])
+        # Batches are padded to their longest: at worst --max_length.
+        check_gpu_memory(config, data_args.max_length, training_args)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 

@@ -7,7 +7,6 @@ parse → check inputs → tokenize once (cached) → model → Trainer → trai
 """
 import logging
 
-import torch
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
@@ -53,8 +52,7 @@ def main() -> None:
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir)
-        if torch.cuda.is_available():
-            check_gpu_memory(config, data_args.block_size, training_args, torch.cuda.mem_get_info()[1])
+        check_gpu_memory(config, data_args.block_size, training_args)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PretrainedConfig
 
 from .model import load_config
@@ -155,10 +156,16 @@ def zero_stage(training_args) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, gpu_bytes: float) -> None:
-    """Log the plan of this run; warn, with flags that fit, when it exceeds the GPU. A warning, not an error: the
-    estimate can be off by a few GB, and the user may know better. With --activation_checkpointing auto, turn
-    checkpointing off when the run fits without it: the same arithmetic, a third less compute."""
+def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, gpu_bytes: float | None = None) -> None:
+    """On a GPU (of `gpu_bytes`, default this rank's), log the plan of this run; warn, with flags that fit, when it
+    exceeds the GPU. A warning, not an error: the estimate can be off by a few GB, and the user may know better. With
+    --activation_checkpointing auto, turn checkpointing off when the run fits without it: the same arithmetic, a
+    third less compute."""
+    if gpu_bytes is None:
+        if not torch.cuda.is_available():
+            return
+        # Its properties, not mem_get_info(), which would open a CUDA context on GPU 0 from every rank.
+        gpu_bytes = torch.cuda.get_device_properties(training_args.device).total_memory
     parameters = parameter_count(config)
     settings = dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
                     fused_cross_entropy=bool(training_args.use_liger_kernel))
