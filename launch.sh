@@ -22,7 +22,7 @@ else
     DEVICE_ARGS=(--use_cpu true)
     # DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank and port in /dev/shm, which is RAM:
     # dozens of runs filled 11 GB of a 24 GB machine. Remove this run's when it ends, however it ends.
-    trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*' EXIT
+    trap '{ set +x; } 2>/dev/null; rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*' EXIT
 fi
 
 if [[ -n ${HOSTFILE:-} ]]; then
