@@ -21,10 +21,11 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 from transformers.trainer_utils import sort_checkpoints
 
 from .fileio import atomic_output
+from .preflight import parameter_count
 from .samples import read_samples
 
 REPORT_FILE = "report.md"
@@ -136,11 +137,6 @@ def wall_seconds(history: list[dict]) -> float:
             total += previous
         previous = runtime
     return total + previous
-
-
-def parameter_count(config) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation; tied weights counted once
-        return AutoModelForCausalLM.from_config(config).num_parameters()
 
 
 # ---------------------------------------------------------------- writing the report
