@@ -1,7 +1,7 @@
 """The data path, side by side on one corpus: the Qwen tokenizer alone (raw: encode only; raw_ids: reading the ids
-out too), our tokenize + pack (tokenize_corpus.py's token cache), and the tutorial's path (datasets' JSON loader,
-.map(tokenizer) and .map(group_texts), Arrow files of input_ids, attention_mask and labels). Each runs in its own
-process, so its peak memory is its own.
+out too), our encoder alone (seqlm.encoder: the same ids from tiktoken), our tokenize + pack (tokenize_corpus.py's
+token cache), and the tutorial's path (datasets' JSON loader, .map(tokenizer) and .map(group_texts), Arrow files of
+input_ids, attention_mask and labels). Each runs in its own process, so its peak memory is its own.
 
     python bench/data.py                       # 100,000 seq-monkey-shaped documents (≈ 300 MB, 66M tokens)
     python bench/data.py --docs 100000 400000  # our path again at 4x the size: its memory must not grow
@@ -37,27 +37,34 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
 
 
-def _encode_all(corpus: Path, read_ids: bool) -> dict:
-    """Only the tokenizer's calls are timed: reading and JSON parsing happen between them, off the clock."""
-    encode = tokenizer().backend_tokenizer.encode_batch_fast
+def _encode_all(corpus: Path, encode) -> dict:
+    """Only the calls of `encode` (texts → a sized item per text) are timed: reading and JSON parsing happen between
+    them, off the clock."""
     seconds, tokens = 0.0, 0
     with open(corpus, encoding="utf-8") as f:
         while texts := [json.loads(line)["text"] for line in itertools.islice(f, BATCH)]:
             start = time.perf_counter()
-            encodings = encode(texts, add_special_tokens=False)
-            tokens += sum(len(e.ids if read_ids else e) + 1 for e in encodings)
+            tokens += sum(len(ids) + 1 for ids in encode(texts))
             seconds += time.perf_counter() - start
     return dict(seconds=seconds, tokens=tokens)
 
 
 def raw(corpus: Path, workdir: Path) -> dict:
-    """The ceiling: the fast tokenizer's batch encoder alone, nothing read out of it."""
-    return _encode_all(corpus, read_ids=False)
+    """The reference: the fast tokenizer's batch encoder alone, nothing read out of it."""
+    encode = tokenizer().backend_tokenizer.encode_batch_fast
+    return _encode_all(corpus, lambda texts: encode(texts, add_special_tokens=False))
 
 
 def raw_ids(corpus: Path, workdir: Path) -> dict:
     """The same, reading the ids out as Python lists: the least any user of the tokens does."""
-    return _encode_all(corpus, read_ids=True)
+    encode = tokenizer().backend_tokenizer.encode_batch_fast
+    return _encode_all(corpus, lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)])
+
+
+def encoder(corpus: Path, workdir: Path) -> dict:
+    """Our encoder alone (seqlm.encoder: tiktoken's BPE, the same ids): the ceiling of our path."""
+    from seqlm.encoder import Encoder
+    return _encode_all(corpus, Encoder(tokenizer()))
 
 
 def ours(corpus: Path, workdir: Path) -> dict:
@@ -139,7 +146,7 @@ def main() -> None:
         corpus = args.workdir / f"corpus-{docs}.jsonl"
         if not corpus.is_file():
             write_demo_corpus(corpus, docs, iter_texts(args.source) if args.source else None)
-        methods = [raw, raw_ids, ours] + ([] if args.skip_tutorial else [tutorial]) if n == 0 else [ours]
+        methods = [raw, raw_ids, encoder, ours] + ([] if args.skip_tutorial else [tutorial]) if n == 0 else [ours]
         for method in methods:
             result = measure(method, corpus, args.workdir)
             rows.append(dict(result, path=method.__name__, docs=docs, mb=corpus.stat().st_size / 1e6))

@@ -24,11 +24,12 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .corpus import LineStats, open_corpus, read_lines
+from .encoder import Encoder
 from .fileio import atomic_output, file_lock
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.uint32
-BATCH_DOCS = 512  # documents per encode_batch call: enough to keep every core busy, little memory
+BATCH_DOCS = 512  # documents per encoder call: enough to keep every core busy, little memory
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -85,18 +86,16 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
     stats = LineStats()
     num_tokens, num_bytes, max_id, lengths_path = 0, 0, 0, folder / "doc_lengths.tmp"
     start = time.perf_counter()
-    encode = tokenizer.backend_tokenizer.encode_batch_fast  # ids only: no character offsets to compute
+    encode, separator = Encoder(tokenizer), np.array([separator_id], dtype=TOKEN_DTYPE)
     with open(folder / "tokens.bin", "wb") as out, open(lengths_path, "wb") as lengths, \
             tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {source.name}",
                  mininterval=1) as bar:
-        # Three stages overlap: reading JSON, tokenizing (native threads) and turning ids into arrays here.
-        encoded = _prefetch((texts, encode(texts, add_special_tokens=False))
-                            for texts in _prefetch(_text_batches(source, stats, bar)))
-        for texts, encodings in encoded:
-            docs = [np.asarray(e.ids + [separator_id], dtype=TOKEN_DTYPE) for e in encodings]
-            ids = np.concatenate(docs)
+        # Three stages overlap: reading JSON, tokenizing (native threads) and joining the ids here.
+        encoded = _prefetch((texts, encode(texts)) for texts in _prefetch(_text_batches(source, stats, bar)))
+        for texts, docs in encoded:
+            ids = np.concatenate([part for doc in docs for part in (np.asarray(doc, dtype=TOKEN_DTYPE), separator)])
             out.write(ids.tobytes())
-            lengths.write(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)).tobytes())
+            lengths.write(np.fromiter((len(doc) + 1 for doc in docs), dtype=np.int64, count=len(docs)).tobytes())
             num_tokens += len(ids)
             num_bytes += sum(len(text.encode("utf-8")) for text in texts)
             max_id = max(max_id, int(ids.max()))
@@ -107,7 +106,7 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
     np.cumsum(np.fromfile(lengths_path, dtype=np.int64), out=offsets[1:])
     offsets.flush()
     lengths_path.unlink()
-    manifest.update(num_docs=stats.valid, num_tokens=num_tokens, num_chars=stats.chars, num_bytes=num_bytes,
+    manifest.update(encoder=encode.name, num_docs=stats.valid, num_tokens=num_tokens, num_chars=stats.chars, num_bytes=num_bytes,
                     max_token_id=max_id, skipped_lines=dict(stats.skipped),
                     seconds=round(time.perf_counter() - start, 1))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -1,10 +1,14 @@
-"""Helpers for the tests that run the training scripts through the real DeepSpeed launcher on CPU ranks."""
+"""Helpers shared by tests: running the training scripts through the real DeepSpeed launcher on CPU ranks, and
+variants of the real Qwen tokenizer."""
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 128
@@ -50,3 +54,17 @@ def trainer_state(output_dir: Path) -> dict:
 
 def swanlab_runs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "swanlog").glob("run-*"))
+
+
+def reshaped(tokenizer, change) -> PreTrainedTokenizerFast:
+    """A copy of `tokenizer` after `change(spec)` edits its tokenizer.json."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    change(spec)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+
+
+def add_a_prefix_token(spec):
+    """Two more added tokens, one a prefix of the other, neither in any text the tests tokenize."""
+    last = max(t["id"] for t in spec["added_tokens"])
+    spec["added_tokens"] += [dict(spec["added_tokens"][0], id=last + 1, content="<zz>"),
+                             dict(spec["added_tokens"][0], id=last + 2, content="<zz>x")]

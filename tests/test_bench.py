@@ -26,12 +26,12 @@ def test_train_bench_smoke_runs_variants_with_matching_losses(data, tmp_path):
     assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows), out
 
 
-def test_data_bench_compares_three_paths(tmp_path):
+def test_data_bench_compares_the_paths(tmp_path):
     out = bench("data.py", "--docs", "1500", "--workdir", str(tmp_path))
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    assert {"raw", "raw_ids", "ours", "tutorial"} <= rows.keys()
-    tokens = {name: int(rows[name].split("|")[4].replace(",", "")) for name in ("raw", "ours")}
-    assert tokens["ours"] == tokens["raw"]  # every document and its separator, nothing dropped
+    assert {"raw", "raw_ids", "encoder", "ours", "tutorial"} <= rows.keys()
+    tokens = {name: int(rows[name].split("|")[4].replace(",", "")) for name in ("raw", "encoder", "ours")}
+    assert tokens["ours"] == tokens["encoder"] == tokens["raw"]  # every document and its separator, nothing dropped
 
 
 def test_subset_bench_compares_with_head(tmp_path):

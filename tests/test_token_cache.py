@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers import add_a_prefix_token, reshaped
 from seqlm import token_cache
 from seqlm.corpus import CorruptInput
 from seqlm.fileio import partial_name
@@ -76,10 +77,21 @@ def test_stream_is_every_document_then_the_separator(tmp_path, monkeypatch, offl
     assert m["num_tokens"] == cache.num_tokens == sum(map(len, reference))
     assert m["max_token_id"] == max(max(d) for d in reference)
     assert m["separator_id"] == ENDOFTEXT and m["skipped_lines"] == {}
+    assert m["encoder"] == "tiktoken"  # the Qwen tokenizer's ids, from seqlm.encoder's faster twin
     # uint32 on disk: 4 bytes a token (ids reach 151,643, beyond uint16)
     assert stream.dtype == np.uint32
     assert (folder / "tokens.bin").stat().st_size == 4 * m["num_tokens"]
     assert sorted(os.listdir(folder)) == ["doc_offsets.npy", "manifest.json", "tokens.bin"]
+
+
+def test_a_tokenizer_without_a_tiktoken_twin_gives_the_same_stream(tmp_path, offline_qwen_tokenizer,
+                                                                    peoples_daily_jsonl, reference):
+    """The HF tokenizer's own path, for tokenizers of other shapes: two more added tokens, one a prefix of the other
+    (absent from the text, so the ids are unchanged), rule the twin out."""
+    tok = reshaped(offline_qwen_tokenizer, add_a_prefix_token)
+    folder = build_token_cache(peoples_daily_jsonl, tok, ENDOFTEXT, tmp_path / "cache")
+    assert TokenCache(folder).manifest["encoder"] == "tokenizers"
+    assert [d.tolist() for d in TokenCache(folder).documents()] == reference
 
 
 def test_compressed_source_gives_the_same_stream(tmp_path, offline_qwen_tokenizer, peoples_daily_jsonl, reference):
