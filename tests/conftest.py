@@ -9,6 +9,7 @@ import gzip
 import io
 import itertools
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -20,6 +21,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # so plain `pytest` finds seqlm too, not only `python -m pytest`
 
 PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, fast to tokenize
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_shared_memory():
+    """launch.sh removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
+    theirs, one per fresh port: /dev/shm is RAM, so remove what this session left."""
+    shm = Path("/dev/shm")
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(shm.glob(pattern))
+    yield
+    for path in set(shm.glob(pattern)) - before:
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
