@@ -5,6 +5,8 @@ import random
 import unicodedata
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from helpers import add_a_prefix_token, reshaped
 from seqlm.encoder import Encoder, tiktoken_twin
@@ -93,11 +95,12 @@ def swap_two_merges(spec):
     lambda s: s.update(normalizer={"type": "NFKC"}),
     lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\p{L}+|\p{N}+|\s+|[^\s\p{L}\p{N}]+"),
     lambda s: s["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True),
+    lambda s: s.update(pre_tokenizer=None),
     lambda s: s["model"].update(byte_fallback=True),
     swap_two_merges,
     lambda s: s["added_tokens"][0].update(lstrip=True),
     add_a_prefix_token,
-], ids=["nfkc", "other-pattern", "prefix-space", "byte-fallback", "merge-order", "lstrip", "prefix-added-token"])
+], ids=["nfkc", "other-pattern", "prefix-space", "no-pre-tokenizer", "byte-fallback", "merge-order", "lstrip", "prefix-added-token"])
 def test_other_shapes_use_the_hf_tokenizer(offline_qwen_tokenizer, change):
     other = reshaped(offline_qwen_tokenizer, change)
     assert tiktoken_twin(other) is None
@@ -110,3 +113,11 @@ def test_other_shapes_use_the_hf_tokenizer(offline_qwen_tokenizer, change):
 def test_unchanged_copy_is_still_a_twin(offline_qwen_tokenizer):
     """The reshaping above is not what turns the twin off."""
     assert tiktoken_twin(reshaped(offline_qwen_tokenizer, lambda s: None)) is not None
+
+
+def test_a_tokenizer_of_another_kind_uses_the_hf_tokenizer():
+    wordlevel = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wordlevel)
+    assert tiktoken_twin(tok) is None
+    assert Encoder(tok)(["hello world", "hello there"]) == [[1, 2], [1, 0]]
