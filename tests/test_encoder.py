@@ -63,6 +63,14 @@ def test_spaces_digits_newlines_and_special_tokens(offline_qwen_tokenizer, twin)
     assert twin.encode("<|endoftext|>", allowed_special="all") == [151643]
 
 
+def test_long_pieces(offline_qwen_tokenizer, twin):
+    """Runs the pre-tokenizer cannot split (no space or punctuation): one BPE piece of up to 150,000 bytes."""
+    rng = random.Random(2)
+    texts = ["a" * 100_000, "".join(rng.choices("abcdefghij", k=50_000)),
+             "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(50_000))]
+    assert_same_ids(offline_qwen_tokenizer, twin, texts)
+
+
 def test_real_text(offline_qwen_tokenizer, twin, peoples_daily_texts):
     assert_same_ids(offline_qwen_tokenizer, twin, peoples_daily_texts)
 
