@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers import add_a_prefix_token, reshaped
 from seqlm.encoder import Encoder, tiktoken_twin
 
-SNIPPETS = ["a{c}b {c}{c}1{c} 中{c}\n{c}  {c}'s{c}", "{c}{c}{c}", " {c}\r\n"]  # a code point among each class
+SNIPPET = "a{c}b {c}{c}1{c} 中{c}\n{c}  {c}'s{c}\r\n"  # a code point next to letters, digits, spaces and itself
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,10 @@ def assert_same_ids(tokenizer, twin, texts):
 
 def test_every_code_point(offline_qwen_tokenizer, twin):
     """Both engines' Unicode tables (letters, numbers, spaces) and byte-level BPE on every code point, the
-    unassigned ones too; those that a snippet would make non-NFC go through the HF tokenizer, tested below."""
+    unassigned ones too; those the snippet would make non-NFC go through the HF tokenizer, tested below."""
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
-    pieces = [s.format(c=c) for c in chars for s in SNIPPETS]
-    pieces = [p for p in pieces if unicodedata.is_normalized("NFC", p)]
-    assert len(pieces) > 3 * 1_100_000
+    pieces = [p for p in (SNIPPET.format(c=c) for c in chars) if unicodedata.is_normalized("NFC", p)]
+    assert len(pieces) > 1_100_000
     texts = ["".join(pieces[i:i + 64]) for i in range(0, len(pieces), 64)]
     assert_same_ids(offline_qwen_tokenizer, twin, [t for t in texts if unicodedata.is_normalized("NFC", t)])
 
@@ -111,9 +110,8 @@ def swap_two_merges(spec):
 ], ids=["nfkc", "other-pattern", "prefix-space", "no-pre-tokenizer", "byte-fallback", "merge-order", "lstrip", "prefix-added-token"])
 def test_other_shapes_use_the_hf_tokenizer(offline_qwen_tokenizer, change):
     other = reshaped(offline_qwen_tokenizer, change)
-    assert tiktoken_twin(other) is None
     encode = Encoder(other)
-    assert encode.name == "tokenizers"
+    assert encode.twin is None and encode.name == "tokenizers"
     texts = ["天气很好, the weather is fine 123", "<|endoftext|><zz>x"]
     assert encode(texts) == hf_ids(other, texts)
 
