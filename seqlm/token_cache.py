@@ -111,7 +111,7 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
                     seconds=round(time.perf_counter() - start, 1))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"tokenized {source}: {stats.valid:,} documents, {num_tokens:,} tokens "
-          f"({num_tokens / max(manifest['seconds'], 1e-9):,.0f} tokens/s)")
+          f"({num_tokens / max(manifest['seconds'], 1e-9):,.0f} tokens/s, {encode.name})")
     if stats.skipped:
         print(stats.summary())
 
