@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from seqlm.demo import copy_offline_tokenizer, write_demo_corpus  # noqa: E402
+from seqlm.memory import logged_plan  # noqa: E402
 from seqlm.report import provenance  # noqa: E402
 
 LOSS_TOLERANCE = 0.02  # largest relative difference from the tutorial's loss, at any step, that still "matches"
@@ -78,10 +79,13 @@ def run(variant: Variant, flags: list[str], args) -> dict:
     env = {**os.environ, "MASTER_PORT": str(args.master_port),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the launcher of this Python
     start = time.perf_counter()
-    with open(args.out / "train.log", "a") as log:
-        log.write(f"\n===== {variant.name}: {' '.join(command)}\n")
+    with open(args.out / "train.log", "a+b") as log:
+        log.write(f"\n===== {variant.name}: {' '.join(command)}\n".encode())
         log.flush()
+        offset = log.tell()
         code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        log.seek(offset)
+        plan = logged_plan(log.read().decode(errors="replace"))  # pretrain.py logs it on a GPU
     if code != 0:
         return dict(error=f"exit code {code} (train.log)")
     history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
@@ -92,7 +96,7 @@ def run(variant: Variant, flags: list[str], args) -> dict:
                 tokens_per_second=statistics.median(h["tokens_per_second"] for h in timed if "tokens_per_second" in h),
                 mfu=statistics.median(h["mfu"] for h in timed) if all("mfu" in h for h in timed) else None,
                 data_wait_percent=statistics.median(h.get("data_wait_percent", 0) for h in timed),
-                peak_memory_gb=max(h.get("peak_memory_gb", 0) for h in steps))
+                peak_memory_gb=max(h.get("peak_memory_gb", 0) for h in steps), planned_memory_gb=plan)
 
 
 def loss_gap(losses: list[float], reference: list[float]) -> float:
@@ -102,18 +106,20 @@ def loss_gap(losses: list[float], reference: list[float]) -> float:
 
 def table(results: list[tuple[Variant, dict]]) -> str:
     baseline = results[0][1]
-    rows = ["| variant | tokens/s | vs tutorial | MFU | peak memory GB | data wait % | loss gap | loss matches |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| variant | tokens/s | vs tutorial | MFU | peak memory GB | planned GB: tensors, total | data wait % | "
+            "loss gap | loss matches |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for variant, r in results:
         name = variant.name + (" (alternative)" if variant.alternative else "")
         if "error" in r or "skipped" in r:
-            rows.append(f"| {name} | {r.get('error') or r['skipped']} | | | | | | |")
+            rows.append(f"| {name} | {r.get('error') or r['skipped']} | | | | | | | |")
             continue
         gap = loss_gap(r["losses"], baseline["losses"])
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else ""
+        plan = "{:.1f}, {:.1f}".format(*r["planned_memory_gb"]) if r["planned_memory_gb"] else ""
         rows.append(f"| {name} | {r['tokens_per_second']:,.0f} | "
                     f"{r['tokens_per_second'] / baseline['tokens_per_second']:.2f}× | {mfu} | "
-                    f"{r['peak_memory_gb']:.1f} | {r['data_wait_percent']:.1f} | {gap:.2%} | "
+                    f"{r['peak_memory_gb']:.1f} | {plan} | {r['data_wait_percent']:.1f} | {gap:.2%} | "
                     f"{'yes' if gap <= LOSS_TOLERANCE else 'NO'} |")
     return "\n".join(rows)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,19 @@ class MemoryPlan:
             ("weights+gradients", self.weights_and_gradients), ("optimizer", self.optimizer),
             ("activations", self.activations), ("logits", self.logits))]
         return f"≈ {self.total / GB:.1f} GB per GPU ({', '.join(parts)} GB, plus allocator and CUDA context)"
+
+
+PLAN_LINE = re.compile(r"memory plan: ≈ ([\d.]+) GB per GPU \(weights\+gradients ([\d.]+), optimizer ([\d.]+), "
+                       r"activations ([\d.]+), logits ([\d.]+) GB")
+
+
+def logged_plan(output: str) -> tuple[float, float] | None:
+    """(tensors, total) in GB of the plan check_gpu_memory logged in a run's `output`: the tensors are what
+    torch.cuda.max_memory_allocated measures, the total adds the allocator's and the CUDA context's share."""
+    if match := PLAN_LINE.search(output):
+        total, *parts = map(float, match.groups())
+        return sum(parts), total
+    return None
 
 
 def state_bytes(parameters: int, zero_stage: int | None, world_size: int) -> tuple[float, float]:

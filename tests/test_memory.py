@@ -10,7 +10,8 @@ from helpers import REPO
 from transformers import AutoModelForCausalLM, HfArgumentParser, Qwen2Config
 
 from seqlm.arguments import PretrainingArguments
-from seqlm.memory import GB, advice, check_gpu_memory, largest_micro_batch, plan_memory, saved_activation_bytes
+from seqlm.memory import (GB, advice, check_gpu_memory, largest_micro_batch, logged_plan, plan_memory,
+                          saved_activation_bytes)
 from seqlm.model import load_config
 from seqlm.preflight import parameter_count
 
@@ -116,6 +117,20 @@ def test_auto_checkpointing_turns_off_only_when_the_run_fits(gpu_gb, on, caplog)
     assert args.activation_checkpointing is on
     assert f"activation checkpointing {'on' if on else 'off'}" in caplog.text
     assert "run out of GPU memory" not in caplog.text  # with checkpointing, 4 x 2048 fits 32 GB
+
+
+def test_the_logged_plan_reads_back(caplog):
+    """bench/train.py puts the plan of each run beside its measured peak, from the run's log."""
+    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
+    config = load_config("qwen2.5-0.5b")
+    with caplog.at_level(logging.INFO):
+        check_gpu_memory(config, 2048, args, 141 * GB)  # 141 GB: checkpointing off
+    tensors, total = logged_plan(caplog.text)
+    plan = plan_memory(config, parameter_count(config), 4, 2048, zero_stage=2, checkpointing=False)
+    assert total == pytest.approx(plan.total / GB, abs=0.05)
+    parts = plan.weights_and_gradients + plan.optimizer + plan.activations + plan.logits
+    assert tensors == pytest.approx(parts / GB, abs=0.2)  # four parts, each rounded to 0.1 GB
+    assert logged_plan("no plan on a CPU run") is None
 
 
 def test_a_run_that_cannot_fit_is_warned_with_flags(caplog):
