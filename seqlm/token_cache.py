@@ -106,8 +106,8 @@ def _build(source: Path, folder: Path, tokenizer: PreTrainedTokenizerBase, separ
     np.cumsum(np.fromfile(lengths_path, dtype=np.int64), out=offsets[1:])
     offsets.flush()
     lengths_path.unlink()
-    manifest.update(encoder=encode.name, num_docs=stats.valid, num_tokens=num_tokens, num_chars=stats.chars, num_bytes=num_bytes,
-                    max_token_id=max_id, skipped_lines=dict(stats.skipped),
+    manifest.update(encoder=encode.name, num_docs=stats.valid, num_tokens=num_tokens, num_chars=stats.chars,
+                    num_bytes=num_bytes, max_token_id=max_id, skipped_lines=dict(stats.skipped),
                     seconds=round(time.perf_counter() - start, 1))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"tokenized {source}: {stats.valid:,} documents, {num_tokens:,} tokens "
