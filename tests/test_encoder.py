@@ -107,7 +107,8 @@ def swap_two_merges(spec):
     swap_two_merges,
     lambda s: s["added_tokens"][0].update(lstrip=True),
     add_a_prefix_token,
-], ids=["nfkc", "other-pattern", "prefix-space", "no-pre-tokenizer", "byte-fallback", "merge-order", "lstrip", "prefix-added-token"])
+], ids=["nfkc", "other-pattern", "prefix-space", "no-pre-tokenizer", "byte-fallback", "merge-order", "lstrip",
+        "prefix-added-token"])
 def test_other_shapes_use_the_hf_tokenizer(offline_qwen_tokenizer, change):
     other = reshaped(offline_qwen_tokenizer, change)
     encode = Encoder(other)
