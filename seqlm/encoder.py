@@ -1,10 +1,10 @@
 """Documents to token ids at about three times the speed of the HF fast tokenizer, with the same ids.
 
-Qwen's tokenizer is byte-level BPE whose merges come in the order of the ids they make: a tiktoken vocabulary (Qwen
-trained it with tiktoken), so tiktoken's encoder gives the ids the HF tokenizer gives. tests/test_encoder.py checks
-that on every Unicode code point, on random runs of vocabulary tokens and on real text. It holds for text the HF
-normalizer leaves as it is; other text (not NFC: rare) goes through the HF tokenizer, as does everything when the
-tokenizer has any other shape."""
+Qwen's tokenizer is byte-level BPE whose merges come in the order of the ids they make: a tiktoken vocabulary (Qwen's
+first release shipped it as a tiktoken file), so tiktoken's encoder gives the ids the HF tokenizer gives.
+tests/test_encoder.py checks that on every Unicode code point, on random runs of vocabulary tokens and on real text.
+It holds for text the HF normalizer leaves as it is; other text (not NFC: rare) goes through the HF tokenizer, as
+does everything when the tokenizer has any other shape."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,6 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import numpy as np
 import tiktoken
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -27,7 +26,7 @@ VERIFIED_PATTERNS = frozenset({
 
 def tiktoken_twin(tokenizer: PreTrainedTokenizerBase) -> tiktoken.Encoding | None:
     """A tiktoken Encoding that gives `tokenizer`'s ids (no special tokens added) on the text its normalizer leaves
-    unchanged; None unless the tokenizer has the shape where the two algorithms provably agree."""
+    unchanged; None unless the tokenizer has the shape where the two algorithms agree (the conditions below)."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec["model"], spec["pre_tokenizer"] or {}
     pieces = pre.get("pretokenizers", [])
