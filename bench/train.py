@@ -5,8 +5,9 @@ on the same data with the same seed and global batch; a variant counts only if i
     python bench/train.py --out $OUT          # GPU: Qwen2.5-0.5B, block 2048, bf16; prints the table
     python bench/train.py --smoke             # CPU: the tiny preset, a few steps (tests/test_bench.py runs this)
 
---out receives results.md, results.json and train.log (every run's output); runs write under --workdir and are
-deleted after, their logs kept.
+--out receives results.md and results.json (rewritten after every variant, so a run stopped by a time limit keeps
+what it finished) and train.log (every run's output); runs write under --workdir and are deleted after, their logs
+kept.
 
 Needs a corpus and the tokenizer: by default those of `make demo` (data/demo/corpus.jsonl, data/demo/tokenizer).
 """
@@ -124,6 +125,14 @@ def table(results: list[tuple[Variant, dict]]) -> str:
     return "\n".join(rows)
 
 
+def save(results: list[tuple[Variant, dict]], header: str, out: Path) -> str:
+    """Write the results so far: a run cut short by a time limit keeps the variants it finished."""
+    text = f"{header}\n\n{table(results)}\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps([dict(r, variant=v.name) for v, r in results], indent=1))
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny preset, block 64, 8 steps: runs on CPU in minutes")
@@ -143,7 +152,8 @@ def main() -> int:
     args.skip = args.steps // 3
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.log").unlink(missing_ok=True)
+    for name in ("train.log", "results.md", "results.json"):
+        (args.out / name).unlink(missing_ok=True)
     if not args.train_file.is_file():
         write_demo_corpus(args.train_file)
     if not args.tokenizer.is_dir():
@@ -152,6 +162,9 @@ def main() -> int:
     config = json.loads((REPO / "ds_config_zero2.json").read_text())
     zero0.write_text(json.dumps({**config, "zero_optimization": {"stage": 0}}, indent=2))
 
+    header = (f"{provenance()}\n{args.preset}, block {args.block_size}, global batch "
+              f"{args.micro_batch * args.accumulation} sequences, {args.steps} steps (timing: the last "
+              f"{args.steps - args.skip})")
     wanted = set(args.variants.split(",")) if args.variants else None
     flags: list[str] = []
     results = []
@@ -166,18 +179,13 @@ def main() -> int:
         print(f"{variant.name}: {result.get('error') or str(result['tokens_per_second']) + ' tokens/s'}",
               file=sys.stderr, flush=True)
         results.append((variant, result))
+        save(results, header, args.out)
         if "error" in result and i == 0:
             break
         if not variant.alternative and "error" not in result:
             flags += variant.flags
 
-    header = (f"{provenance()}\n{args.preset}, block {args.block_size}, global batch "
-              f"{args.micro_batch * args.accumulation} sequences, {args.steps} steps (timing: the last "
-              f"{args.steps - args.skip})")
-    text = f"{header}\n\n{table(results)}\n"
-    print(text)
-    (args.out / "results.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps([dict(r, variant=v.name) for v, r in results], indent=1))
+    print(save(results, header, args.out))
     return 1 if any("error" in r for _, r in results) else 0
 
 
