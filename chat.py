@@ -13,17 +13,24 @@ import sys
 
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer,
-                          set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+    set_seed,
+)
 
-from seqlm.checkpoint import CheckpointError, check_checkpoint
+from seqlm import paths
+from seqlm.model_folder import ModelFolderError, check_model_folder
 
 Message = dict[str, str]
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default="output/sft", help="checkpoint folder or hub id (default: %(default)s)")
+    p.add_argument("--model_path", default=str(paths.SFT_OUTPUT), help="checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--prompt", help="answer this one message (or continue this text), print the answer and exit")
     p.add_argument("--system", help="system prompt (default: the one the model was fine-tuned with, if any)")
     p.add_argument("--plain", action="store_true", help="continue text even if the checkpoint has a chat template")
@@ -38,8 +45,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer; CheckpointError, OSError or ValueError, with a one-line message, if unusable."""
-    check_checkpoint(path)
+    """Model and tokenizer; ModelFolderError, OSError or ValueError, with a one-line message, if unusable."""
+    check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if torch.cuda.is_available():
         device, dtype = "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -47,7 +54,7 @@ def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         device, dtype = "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if len(tokenizer) > model.config.vocab_size:
-        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
+        raise ModelFolderError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
                               f"{model.config.vocab_size:,}: they do not belong together")
     return model.to(device).eval(), tokenizer
 
@@ -94,7 +101,7 @@ def main() -> int:
     transformers.utils.logging.disable_progress_bar()  # the terminal is for the conversation
     try:
         model, tokenizer = load(args.model_path)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     chat = is_chat_model(tokenizer) and not args.plain

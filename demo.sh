@@ -23,7 +23,7 @@ PRESET=tiny TOKENIZER="$DEMO/tokenizer" TRAIN_FILE="$DEMO/train.jsonl" VALIDATIO
 OUTPUT_DIR="$OUT" bash pretrain.sh \
     --block_size 256 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 \
     --max_steps 200 --warmup_steps 20 --learning_rate 3e-3 --activation_checkpointing false \
-    --logging_steps 10 --eval_steps 50 --save_steps 100 --max_eval_samples 32 --disable_tqdm true
+    --logging_steps 10 --eval_steps 50 --eval_on_start true --save_steps 100 --max_eval_samples 32 --disable_tqdm true
 
 echo "== 5. continue a text with the pretrained checkpoint (loaded by stock transformers)"
 python chat.py --model_path "$OUT" --prompt "中国的首都是" --greedy --max_new_tokens 40

@@ -14,26 +14,17 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 from transformers import AutoModelForCausalLM
 
-from seqlm import paths
-from seqlm.checkpoint import check_checkpoint
-from seqlm.evaluation import mean_loss, text_size
+from seqlm import outputs, paths
+from seqlm.evaluation import EvaluatedText, mean_loss
 from seqlm.model import check_compatible, document_separator, load_config
-from seqlm.report import RUN_INFO_FILE
+from seqlm.model_folder import check_model_folder
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tokenizer import load_tokenizer
 
 DEFAULT_BLOCK_SIZE = 2048
-
-
-def trained_block_size(model_path: str) -> int | None:
-    """The block size of the run that wrote this checkpoint (run_info.json of the output dir), if recorded."""
-    for folder in (Path(model_path), Path(model_path).parent):  # the output dir, or one of its checkpoint-N
-        if (folder / RUN_INFO_FILE).is_file():
-            info = json.loads((folder / RUN_INFO_FILE).read_text(encoding="utf-8"))
-            return info["arguments"].get("DataTrainingArguments", {}).get("block_size")
-    return None
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,10 +35,10 @@ def parse_args() -> argparse.Namespace:
                    help="JSON Lines files of {\"text\": ...} (default: %(default)s)")
     p.add_argument("--tokenizer_name", help="tokenizer folder or hub id (default: the checkpoint's)")
     p.add_argument("--block_size", type=int, help="tokens per block (default: the block size the checkpoint was "
-                   f"trained with, from {RUN_INFO_FILE}, else {DEFAULT_BLOCK_SIZE})")
+                   f"trained with, from {outputs.RUN_INFO_FILE}, else {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--batch_size", type=int, default=4, help="blocks per forward pass (default: %(default)s)")
     p.add_argument("--max_blocks", type=int, help="evaluate at most the first N blocks of each file (default: all); "
-                   "bits per character then use the tokens-per-character ratio of the whole file")
+                   "bits per character and byte count the text of exactly those blocks")
     p.add_argument("--token_cache_dir", default=str(paths.TOKEN_CACHE_DIR), help="default: %(default)s")
     p.add_argument("--output_json", help="also write the scores to this JSON file")
     return p.parse_args()
@@ -55,9 +46,11 @@ def parse_args() -> argparse.Namespace:
 
 def score(model, tokenizer, separator_id: int, file: str, args) -> dict:
     blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, args.token_cache_dir), args.block_size)
-    loss, predictions = mean_loss(model, blocks, args.batch_size, args.max_blocks)
-    return dict(file=file, blocks=min(len(blocks), args.max_blocks or len(blocks)), predicted_tokens=predictions,
-                loss=loss, perplexity=math.exp(min(loss, 50.0)), **text_size(blocks.cache).bits(loss))
+    loss, predictions = mean_loss(model, blocks, args.batch_size, args.max_blocks)  # over the first blocks
+    text = EvaluatedText.of(Subset(blocks, range(min(len(blocks), args.max_blocks or len(blocks)))), tokenizer,
+                            separator_id)
+    return dict(file=file, blocks=text.blocks, total_blocks=text.total_blocks, predicted_tokens=predictions,
+                chars=text.chars, bytes=text.bytes, loss=loss, perplexity=math.exp(min(loss, 50.0)), **text.bits(loss))
 
 
 def main() -> int:
@@ -67,10 +60,10 @@ def main() -> int:
         if missing:
             raise FileNotFoundError(f"no such file {', '.join(missing)}: pass --files with JSON Lines of "
                                     "{\"text\": ...} (make_subset.py writes data/seq_monkey_val.jsonl)")
-        check_checkpoint(args.model_path)
+        check_model_folder(args.model_path)
         config = load_config(args.model_path)
         tokenizer = load_tokenizer(args.tokenizer_name or args.model_path)
-        args.block_size = args.block_size or trained_block_size(args.model_path) or DEFAULT_BLOCK_SIZE
+        args.block_size = args.block_size or outputs.trained_block_size(args.model_path) or DEFAULT_BLOCK_SIZE
         check_compatible(config, tokenizer, args.block_size)
         separator_id = document_separator(config)
         model = AutoModelForCausalLM.from_pretrained(
@@ -82,9 +75,10 @@ def main() -> int:
         return 1
 
     print(f"\n{args.model_path}, blocks of {args.block_size} tokens")
-    print(f"{'file':<40} {'blocks':>7} {'loss':>7} {'perplexity':>11} {'bits/char':>10} {'bits/byte':>10}")
+    print(f"{'file':<40} {'blocks':>13} {'loss':>7} {'perplexity':>11} {'bits/char':>10} {'bits/byte':>10}")
     for s in scores:
-        print(f"{s['file']:<40} {s['blocks']:>7,} {s['loss']:>7.4f} {s['perplexity']:>11,.2f} "
+        evaluated = f"{s['blocks']:,}/{s['total_blocks']:,}"
+        print(f"{s['file']:<40} {evaluated:>13} {s['loss']:>7.4f} {s['perplexity']:>11,.2f} "
               f"{s['bits_per_char']:>10.4f} {s['bits_per_byte']:>10.4f}")
     result = dict(model_path=args.model_path, block_size=args.block_size, files=scores)
     print(json.dumps(result, ensure_ascii=False))

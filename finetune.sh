@@ -6,12 +6,14 @@
 #                                                     # a subset, from `python make_subset.py --schema sft`
 #   NUM_GPUS=4 bash finetune.sh --learning_rate 1e-5  # any finetune.py / TrainingArguments flag passes through
 #
-# What to train and where to write (the training defaults themselves live in finetune.py):
-#   MODEL            model to fine-tune: a checkpoint folder or hub id (default output/pretrain, from pretrain.sh)
-#   TRAIN_FILE       conversations, BELLE or `messages` JSON Lines (default data/BelleGroup/train_3.5M_CN.json)
+# What to train and where to write, passed on only when set: the defaults (`python finetune.py --help`) live in
+# seqlm/arguments.py and seqlm/paths.py.
+#   MODEL            model to fine-tune (--model_name_or_path): a checkpoint folder or hub id; by default what
+#                    pretrain.sh wrote
+#   TRAIN_FILE       conversations, BELLE or `messages` JSON Lines (--train_files)
 #   VALIDATION_FILE  held-out conversations (default none); evaluated every --eval_steps and at the end
 #   SYSTEM_PROMPT    system turn for conversations without one, saved in the chat template (default none)
-#   OUTPUT_DIR       checkpoints and final model (default output/sft); a rerun resumes from it
+#   OUTPUT_DIR       checkpoints and final model (--output_dir); a rerun resumes from it
 #   SWANLAB_MODE     cloud (needs SWANLAB_API_KEY), local (`swanlab watch OUTPUT_DIR/swanlog`), offline, disabled
 #   DS_CONFIG        DeepSpeed config (default ds_config_zero2.json)
 #   NUM_GPUS, HOSTFILE, MASTER_PORT: see launch.sh
@@ -20,9 +22,9 @@ cd "$(dirname "$0")"
 
 exec bash launch.sh finetune.py \
     --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
-    --model_name_or_path "${MODEL:-output/pretrain}" \
-    --train_files "${TRAIN_FILE:-data/BelleGroup/train_3.5M_CN.json}" \
+    ${MODEL:+--model_name_or_path "$MODEL"} \
+    ${TRAIN_FILE:+--train_files "$TRAIN_FILE"} \
     ${VALIDATION_FILE:+--validation_files "$VALIDATION_FILE" --eval_strategy steps} \
     ${SYSTEM_PROMPT:+--system_prompt "$SYSTEM_PROMPT"} \
-    --output_dir "${OUTPUT_DIR:-output/sft}" \
+    ${OUTPUT_DIR:+--output_dir "$OUTPUT_DIR"} \
     "$@"

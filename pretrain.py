@@ -11,16 +11,17 @@ from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments, SampleArguments
-from seqlm.evaluation import BitsPerCharCallback
-from seqlm.memory import check_gpu_memory
-from seqlm.model import build_model, load_config_and_tokenizer
+from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
+from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
+from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
+from seqlm.outputs import PRETRAINING
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, run_settings
 from seqlm.report import RunRecordCallback
+from seqlm.run import checkpoint_to_resume, fail, parse_args, record_run, setup_logging, train_and_evaluate
 from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import swanlab_mode
 from seqlm.trainer import SafeTrainer
-from seqlm.training import checkpoint_to_resume, fail, parse_args, record_run, setup_logging, train_and_evaluate
 
 log = logging.getLogger("pretrain")
 
@@ -46,12 +47,14 @@ def main() -> None:
             "sample), or pass --train_files / --validation_files (or --eval_strategy no to train without one)"))
         check_ds_config(training_args)
         config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
+        end_text_with_separator(tokenizer, separator_id)
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         samples = SamplesCallback.from_args(sample_args, tokenizer)
         settings = run_settings(config, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir)
+        resolve_activation_checkpointing(config, data_args.block_size, training_args)
         check_gpu_memory(config, data_args.block_size, training_args)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
@@ -60,14 +63,15 @@ def main() -> None:
     set_seed(training_args.seed)
 
     train_dataset = blocks(data_args.train_files, tokenizer, separator_id, data_args, training_args)
-    eval_dataset = None
+    log.info("training on %s blocks of %d tokens (%s tokens)", f"{len(train_dataset):,}", data_args.block_size,
+             f"{len(train_dataset) * data_args.block_size:,}")
+    eval_dataset = held_out = None
     if evaluating:
         eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, data_args, training_args)
         if data_args.max_eval_samples is not None:
             eval_dataset = Subset(eval_dataset, range(min(data_args.max_eval_samples, len(eval_dataset))))
-    log.info("%s training blocks of %d tokens (%s tokens), %s evaluation blocks", f"{len(train_dataset):,}",
-             data_args.block_size, f"{len(train_dataset) * data_args.block_size:,}",
-             f"{len(eval_dataset):,}" if eval_dataset is not None else "no")
+        held_out = EvaluatedText.of(eval_dataset, tokenizer, separator_id)
+        log.info("evaluating on %s", held_out.describe())
 
     model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
     record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
@@ -75,10 +79,11 @@ def main() -> None:
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, data_collator=default_data_collator,
                           seq_len=data_args.block_size)
-    if eval_dataset is not None:
-        trainer.add_callback(BitsPerCharCallback.from_dataset(eval_dataset))
+    if held_out is not None:
+        trainer.add_callback(BitsPerCharCallback(held_out))
     trainer.add_callback(samples)
-    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
+    trainer.add_callback(RunRecordCallback(PRETRAINING, (model_args, data_args, sample_args),
+                                           held_out.describe() if held_out else None))
 
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
 

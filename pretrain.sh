@@ -5,22 +5,23 @@
 #   NUM_GPUS=4 bash pretrain.sh --learning_rate 3e-4  # any pretrain.py / TrainingArguments flag passes through
 #   HOSTFILE=hostfile bash pretrain.sh                # several nodes (see launch.sh for NUM_GPUS, HOSTFILE, MASTER_PORT)
 #
-# What to train on and where to write (the training defaults themselves live in seqlm/arguments.py):
-#   PRESET           model architecture: qwen2.5-0.5b (default) or tiny (CPU), or a config.json
-#   TRAIN_FILE       training corpus (default data/seq_monkey_1M.jsonl, from make_subset.py)
-#   VALIDATION_FILE  held-out corpus (default data/seq_monkey_val.jsonl)
-#   TOKENIZER        tokenizer folder (default data/Qwen2.5-0.5B, from download_dataset.py)
-#   OUTPUT_DIR       checkpoints and final model (default output/pretrain); a rerun resumes from it
+# What to train on and where to write, passed on only when set: the defaults (`python pretrain.py --help`) live in
+# seqlm/arguments.py and seqlm/paths.py.
+#   PRESET           model architecture (--config_name): qwen2.5-0.5b or tiny (CPU), or a config.json
+#   TRAIN_FILE       training corpus (--train_files; make_subset.py writes data/seq_monkey_1M.jsonl)
+#   VALIDATION_FILE  held-out corpus (--validation_files)
+#   TOKENIZER        tokenizer folder (--tokenizer_name; download_dataset.py fetches data/Qwen2.5-0.5B)
+#   OUTPUT_DIR       checkpoints and final model (--output_dir); a rerun resumes from it
 #   SWANLAB_MODE     cloud (needs SWANLAB_API_KEY), local (`swanlab watch OUTPUT_DIR/swanlog`), offline, disabled
-#   DS_CONFIG        DeepSpeed config (default ds_config_zero2.json)
+#   DS_CONFIG        DeepSpeed config (default ds_config_zero2.json: this script is the ZeRO-2 launcher)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 exec bash launch.sh pretrain.py \
     --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
-    --config_name "${PRESET:-qwen2.5-0.5b}" \
-    --tokenizer_name "${TOKENIZER:-data/Qwen2.5-0.5B}" \
-    --train_files "${TRAIN_FILE:-data/seq_monkey_1M.jsonl}" \
-    --validation_files "${VALIDATION_FILE:-data/seq_monkey_val.jsonl}" \
-    --output_dir "${OUTPUT_DIR:-output/pretrain}" \
+    ${PRESET:+--config_name "$PRESET"} \
+    ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} \
+    ${TRAIN_FILE:+--train_files "$TRAIN_FILE"} \
+    ${VALIDATION_FILE:+--validation_files "$VALIDATION_FILE"} \
+    ${OUTPUT_DIR:+--output_dir "$OUTPUT_DIR"} \
     "$@"

@@ -3,8 +3,8 @@ out too), our encoder alone (seqlm.encoder: the same ids from tiktoken), our tok
 token cache), and the tutorial's path (datasets' JSON loader, .map(tokenizer) and .map(group_texts), Arrow files of
 input_ids, attention_mask and labels). Each runs in its own process, so its peak memory is its own.
 
-    python bench/data.py                       # 100,000 seq-monkey-shaped documents (≈ 300 MB, 66M tokens)
-    python bench/data.py --docs 100000 400000  # our path again at 4x the size: its memory must not grow
+    python -m bench.data                       # 100,000 seq-monkey-shaped documents (≈ 300 MB, 66M tokens)
+    python -m bench.data --docs 100000 400000  # our path again at 4x the size: its memory must not grow
 
 The corpus is People's Daily (1998) in documents of ≈ 900 characters, the seq-monkey average, repeated to size.
 """
@@ -20,13 +20,11 @@ import time
 from itertools import chain
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from seqlm.corpus import iter_texts  # noqa: E402
-from seqlm.demo import write_demo_corpus  # noqa: E402
-from seqlm.report import provenance  # noqa: E402
-from seqlm.tokenizer import offline_tokenizer_dir  # noqa: E402
+from seqlm.corpus import iter_texts
+from seqlm.demo import write_demo_corpus
+from seqlm.paths import REPO
+from seqlm.provenance import provenance
+from seqlm.tokenizer import offline_tokenizer_dir
 
 SEPARATOR = 151643  # <|endoftext|>, as pretrain.py separates documents
 BATCH = 512

@@ -2,7 +2,7 @@
 checkpoint is being written), rerun the same `bash pretrain.sh` after each kill, and compare the finished run with an
 uninterrupted one: every logged loss and every final weight must be equal.
 
-    python bench/killtest.py --kills 20 --out output/killtest     # ≈ 10 minutes on 2 CPU cores
+    python -m bench.killtest --kills 20 --out output/killtest     # ≈ 10 minutes on 2 CPU cores
 """
 import argparse
 import json
@@ -18,13 +18,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from helpers import TINY_RUN, free_port, pretrain_command, write_jsonl  # noqa: E402  (the tests' launcher helpers)
-
-from seqlm.demo import copy_offline_tokenizer, demo_documents  # noqa: E402
-from seqlm.resume import MARKER, latest_complete_checkpoint  # noqa: E402
-
+from seqlm.checkpoints import latest_complete_checkpoint
+from seqlm.demo import (
+    DEMO_TRAINING,
+    copy_offline_tokenizer,
+    demo_documents,
+    free_port,
+    pretrain_command,
+    write_demo_corpus,
+)
+from seqlm.outputs import COMPLETE_MARKER
+from seqlm.paths import REPO
 
 # One port for every run: a killed run cannot remove DeepSpeed's shared-memory buffer, named by the port, so the
 # next run reuses it instead of adding one.
@@ -51,7 +55,7 @@ def kill_when(proc: subprocess.Popen, condition) -> bool:
 def saving(out: Path):
     """A condition: a checkpoint folder has appeared that is not complete yet."""
     before = {p.name for p in out.glob("checkpoint-*")}
-    return lambda: any(p.name not in before and not (p / MARKER).exists() for p in out.glob("checkpoint-*"))
+    return lambda: any(p.name not in before and not (p / COMPLETE_MARKER).exists() for p in out.glob("checkpoint-*"))
 
 
 def after(seconds: float):
@@ -74,11 +78,12 @@ def main() -> int:
     rng = random.Random(args.seed)
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
-    corpus = write_jsonl(root / "train.jsonl", list(demo_documents())[:300])
+    corpus = root / "train.jsonl"
+    write_demo_corpus(corpus, documents=list(demo_documents())[:300])
     data = dict(tokenizer=root / "tokenizer", cache=root / "token_cache", train=corpus, val=corpus)
     if not data["tokenizer"].is_dir():
         copy_offline_tokenizer(data["tokenizer"])
-    run = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--report_to", "none",
+    run = [*DEMO_TRAINING, "--block_size", "128", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--report_to", "none",
            "--max_steps", str(args.steps)]
 
     reference = root / "reference"

@@ -2,8 +2,8 @@
 LINES lines, make_subset.py validating each one as well. Builds the corpus (real People's Daily text, repeated, about
 3 KB a line) in WORKDIR if it is not there yet, checks that both outputs are identical, prints a Markdown table.
 
-    python bench/subset.py                               # 1,000,000 documents (≈ 3 GB), the first 750,000 lines
-    python bench/subset.py --docs 700000 --repeat 5      # ≈ 2 GB, best of 5 runs of each
+    python -m bench.subset                               # 1,000,000 documents (≈ 3 GB), the first 750,000 lines
+    python -m bench.subset --docs 700000 --repeat 5      # ≈ 2 GB, best of 5 runs of each
 """
 import argparse
 import shlex
@@ -13,10 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from seqlm.demo import write_demo_corpus  # noqa: E402
-from seqlm.report import provenance  # noqa: E402
+from seqlm.demo import write_demo_corpus
+from seqlm.paths import REPO
+from seqlm.provenance import provenance
 
 
 def timed(command: list[str] | str, shell: bool = False) -> float:

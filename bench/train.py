@@ -2,8 +2,8 @@
 faster, each on top of the previous (a few as alternatives). Every variant is a real `bash launch.sh pretrain.py` run
 on the same data with the same seed and global batch; a variant counts only if its losses match the tutorial's.
 
-    python bench/train.py --out $OUT          # GPU: Qwen2.5-0.5B, block 2048, bf16; prints the table
-    python bench/train.py --smoke             # CPU: the tiny preset, a few steps (tests/test_bench.py runs this)
+    python -m bench.train --out $OUT          # GPU: Qwen2.5-0.5B, block 2048, bf16; prints the table
+    python -m bench.train --smoke             # CPU: the tiny preset, a few steps (tests/test_bench.py runs this)
 
 --out receives results.md and results.json (rewritten after every variant, so a run stopped by a time limit keeps
 what it finished) and train.log (every run's output); runs write under --workdir and are deleted after, their logs
@@ -23,12 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from seqlm.demo import copy_offline_tokenizer, write_demo_corpus  # noqa: E402
-from seqlm.memory import logged_plan  # noqa: E402
-from seqlm.report import provenance  # noqa: E402
+from seqlm.demo import copy_offline_tokenizer, write_demo_corpus
+from seqlm.memory import logged_plan
+from seqlm.paths import REPO
+from seqlm.provenance import provenance
 
 LOSS_TOLERANCE = 0.02  # largest relative difference from the tutorial's loss, at any step, that still "matches"
 

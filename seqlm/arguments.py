@@ -10,7 +10,15 @@ from . import paths
 
 
 @dataclass
-class ModelArguments:
+class AttentionArguments:
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on a GPU, "
+                          "else sdpa)."})
+
+
+@dataclass
+class ModelArguments(AttentionArguments):
     config_name: str = field(
         default="qwen2.5-0.5b",
         metadata={"help": "Model architecture to train from scratch: a preset in configs/ (qwen2.5-0.5b, tiny), a "
@@ -19,13 +27,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "Continue pretraining from these weights (an HF checkpoint folder or hub id) instead of "
                           "starting from random weights."})
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": f"Tokenizer folder or hub id (default: {paths.MODEL_DIR}, fetched by download_dataset.py)."})
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on a GPU, "
-                          "else sdpa)."})
+    tokenizer_name: str = field(
+        default=str(paths.MODEL_DIR),
+        metadata={"help": "Tokenizer folder or hub id (default: the one download_dataset.py fetches)."})
 
 
 @dataclass
@@ -42,8 +46,8 @@ class DataTrainingArguments:
         default=str(paths.TOKEN_CACHE_DIR),
         metadata={"help": "Where tokenized corpora are kept and reused (keyed by corpus, tokenizer and settings)."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many validation blocks (default: all). Bits per "
-                                        "character/byte then use the tokens-per-character ratio of the whole files."})
+        default=None, metadata={"help": "Evaluate on the first N validation blocks only (default: all); bits per "
+                                        "character/byte count the text of exactly those blocks."})
 
 
 @dataclass
@@ -64,7 +68,7 @@ class SampleArguments:
 class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the defaults of this pipeline: the tutorial's, with its bugs fixed."""
 
-    output_dir: str = field(default="output/pretrain", metadata={"help": "Checkpoints and the final model."})
+    output_dir: str = field(default=str(paths.PRETRAIN_OUTPUT), metadata={"help": "Checkpoints and the final model."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device and micro-step."})
     gradient_accumulation_steps: int = field(default=16, metadata={"help": "Micro-steps per optimizer step."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Sequences per device in evaluation."})
@@ -99,10 +103,64 @@ class PretrainingArguments(TrainingArguments):
         # The deprecated alias still wins when given, as in TrainingArguments; here the new name has a default.
         if self.gradient_checkpointing is not None:
             self.activation_checkpointing = self.gradient_checkpointing
-        # "auto" starts as on (safe); seqlm.memory.check_gpu_memory turns it off once it knows the run fits.
         value = str(self.activation_checkpointing).lower()
         if value not in ("auto", "true", "false", "yes", "no", "1", "0"):
             raise ValueError(f"--activation_checkpointing {self.activation_checkpointing}: use auto, true or false")
-        self.checkpointing_auto = value == "auto"
-        self.activation_checkpointing = value in ("auto", "true", "yes", "1")
+        # "auto" stays "auto" until the script decides it for this machine (seqlm.memory.resolve_activation_checkpointing)
+        self.activation_checkpointing = "auto" if value == "auto" else value in ("true", "yes", "1")
         super().__post_init__()
+
+
+# ---------------------------------------------------------------- fine-tuning (finetune.py)
+
+
+@dataclass
+class FinetuningModelArguments(AttentionArguments):
+    model_name_or_path: str = field(
+        default=str(paths.PRETRAIN_OUTPUT),
+        metadata={"help": "The model to fine-tune: an HF checkpoint folder (default: what pretrain.sh wrote) or a "
+                          "hub id."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or hub id (default: the model's own)."})
+
+
+@dataclass
+class SFTDataArguments:
+    train_files: list[str] = field(
+        default_factory=lambda: [str(paths.SFT_FILE)],
+        metadata={"help": "Conversations, JSON Lines: {\"conversations\": [{\"from\": \"human\"|\"assistant\", "
+                          "\"value\": ...}]} (BELLE) or {\"messages\": [{\"role\": ..., \"content\": ...}]}."})
+    validation_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Held-out conversations: evaluated at the end, and every --eval_steps with "
+                          "--eval_strategy steps."})
+    max_length: int = field(
+        default=2048, metadata={"help": "Cut conversations to this many tokens (batches are padded only to their "
+                                        "longest); one left with nothing to learn is skipped and counted."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System turn for conversations without one; saved in the chat template, so "
+                                        "chat.py uses it too (default: none)."})
+    token_cache_dir: str = field(
+        default=str(paths.TOKEN_CACHE_DIR),
+        metadata={"help": "Where tokenized conversations are kept and reused (keyed by file, tokenizer and format)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many validation conversations (default: all)."})
+
+
+@dataclass
+class FinetuningArguments(PretrainingArguments):
+    """The pretraining defaults, with those of a fine-tuning run."""
+
+    output_dir: str = field(default=str(paths.SFT_OUTPUT), metadata={"help": "Checkpoints and the final model."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate, after warm-up."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Linear warm-up steps (a float < 1 is a ratio)."})
+    eval_strategy: str = field(
+        default="no", metadata={"help": "When to evaluate on --validation_files: no (only at the end), steps, epoch."})
+    save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N steps."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "group_by_length (default: batches of similar lengths, little padding), random, "
+                          "sequential.", "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
+    include_num_input_tokens_seen: str = field(  # str: the parser would read `str | bool` as a bool
+        default="non_padding", metadata={"help": "Count the tokens seen (num_input_tokens_seen): non_padding, all, "
+                                                 "no.", "choices": ["non_padding", "all", "no"]})

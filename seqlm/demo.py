@@ -9,10 +9,13 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .fileio import atomic_output
+from .paths import REPO
 from .tokenizer import offline_tokenizer_dir
 
 DOC_CHARS = 900
@@ -93,9 +96,31 @@ def write_demo_conversations(path: str | os.PathLike) -> int:
     return count
 
 
-if __name__ == "__main__":
-    import sys
+# ---------------------------------------------------------------- tiny CPU runs on it (tests, bench/killtest.py)
 
+DEMO_TRAINING = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
+                 "--warmup_steps", "5", "--activation_checkpointing", "false", "--disable_tqdm", "true"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_command(data: dict, output_dir: Path, *args: str, preset="tiny", train=None, ranks=1,
+                     swanlab="offline", **extra_env: str) -> tuple[list[str], dict]:
+    """The `bash pretrain.sh` command line and environment of a CPU run on `data` (paths: tokenizer, train, val,
+    cache), with this Python's environment first on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PRESET": preset, "TOKENIZER": str(data["tokenizer"]), "TRAIN_FILE": str(train or data["train"]),
+           "VALIDATION_FILE": str(data["val"]), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
+           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": swanlab, **extra_env}
+    env.pop("OMP_NUM_THREADS", None)  # launch.sh shares the cores out among the ranks
+    return ["bash", str(REPO / "pretrain.sh"), "--token_cache_dir", str(data["cache"]), *args], env
+
+
+if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo")
     count = write_demo_corpus(folder / "corpus.jsonl")
     copy_offline_tokenizer(folder / "tokenizer")

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .model import load_config
-from .preflight import parameter_count
+from .model import load_config, parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -170,26 +169,49 @@ def zero_stage(training_args) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def gpu_memory_bytes(training_args) -> float | None:
+    """This rank's GPU memory; None on CPU. From its properties, not mem_get_info(), which would open a CUDA context
+    on GPU 0 from every rank."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(training_args.device).total_memory
+
+
+def run_settings(config: PretrainedConfig, training_args) -> dict:
+    """What the memory of this run depends on besides the batch shape."""
+    return dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
+                fused_cross_entropy=bool(training_args.use_liger_kernel))
+
+
+def resolve_activation_checkpointing(config: PretrainedConfig, block_size: int, training_args,
+                                     gpu_bytes: float | None = None) -> bool:
+    """Decide --activation_checkpointing auto for this machine, set it in `training_args` and return it: off on a GPU
+    (of `gpu_bytes`, default this rank's) where the plan without it fits with AUTO_HEADROOM to spare (the same run, a
+    third less compute), else on (CPU included). true/false given by the user are kept."""
+    if training_args.activation_checkpointing != "auto":
+        return training_args.activation_checkpointing
+    gpu_bytes = gpu_bytes or gpu_memory_bytes(training_args)
+    if gpu_bytes is None:
+        decision, reason = True, "no GPU to plan for, so the choice that needs the least memory"
+    else:
+        without = plan_memory(config, parameter_count(config), training_args.per_device_train_batch_size, block_size,
+                              checkpointing=False, **run_settings(config, training_args))
+        decision = without.total > AUTO_HEADROOM * gpu_bytes
+        reason = f"without it {without.summary()}, the GPU has {gpu_bytes / GB:.0f} GB"
+    training_args.activation_checkpointing = decision
+    log.info("activation checkpointing %s (--activation_checkpointing auto): %s", "on" if decision else "off", reason)
+    return decision
+
+
 def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, gpu_bytes: float | None = None) -> None:
     """On a GPU (of `gpu_bytes`, default this rank's), log the plan of this run; warn, with flags that fit, when it
-    exceeds the GPU. A warning, not an error: the estimate can be off by a few GB, and the user may know better. With
-    --activation_checkpointing auto, turn checkpointing off when the run fits without it: the same arithmetic, a
-    third less compute."""
+    exceeds the GPU. A warning, not an error: the estimate can be off by a few GB, and the user may know better."""
+    gpu_bytes = gpu_bytes or gpu_memory_bytes(training_args)
     if gpu_bytes is None:
-        if not torch.cuda.is_available():
-            return
-        # Its properties, not mem_get_info(), which would open a CUDA context on GPU 0 from every rank.
-        gpu_bytes = torch.cuda.get_device_properties(training_args.device).total_memory
+        return
     parameters = parameter_count(config)
-    settings = dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
-                    fused_cross_entropy=bool(training_args.use_liger_kernel))
+    settings = dict(run_settings(config, training_args), checkpointing=bool(training_args.activation_checkpointing))
     micro_batch = training_args.per_device_train_batch_size
-    if getattr(training_args, "checkpointing_auto", False):
-        without = plan_memory(config, parameters, micro_batch, block_size, checkpointing=False, **settings)
-        training_args.activation_checkpointing = without.total > AUTO_HEADROOM * gpu_bytes
-        log.info("activation checkpointing %s (--activation_checkpointing auto): without it %s, the GPU has %.0f GB",
-                 "on" if training_args.activation_checkpointing else "off", without.summary(), gpu_bytes / GB)
-    settings["checkpointing"] = bool(training_args.activation_checkpointing)
     log.info("memory plan: %s", plan_memory(config, parameters, micro_batch, block_size, **settings).summary())
     warning = advice(config, parameters, gpu_bytes, micro_batch, training_args.gradient_accumulation_steps,
                      block_size, **settings)

@@ -20,14 +20,15 @@ from .tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in paths.CONFIGS_DIR.glob("*.json"))
-
-
 def load_config(name: str) -> PretrainedConfig:
     """A preset name (configs/NAME.json), a config.json path, or a model folder / hub id."""
     preset = paths.CONFIGS_DIR / f"{name}.json"
     return AutoConfig.from_pretrained(str(preset if preset.is_file() else Path(name)))
+
+
+def parameter_count(config: PretrainedConfig) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return AutoModelForCausalLM.from_config(config).num_parameters()
 
 
 def default_attention() -> str:
@@ -71,11 +72,14 @@ def load_config_and_tokenizer(model_args, block_size: int) -> tuple[PretrainedCo
     config = load_config(model_args.model_name_or_path or model_args.config_name)
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     check_compatible(config, tokenizer, block_size)
-    separator = document_separator(config)
-    if tokenizer.eos_token_id != separator:
-        # A pretrained model ends text where its documents ended. Left alone, the Trainer would instead rewrite the
-        # model's eos_token_id to the tokenizer's (<|im_end|> in the Qwen chat tokenizers) before training.
+    return config, tokenizer, document_separator(config)
+
+
+def end_text_with_separator(tokenizer: PreTrainedTokenizerBase, separator_id: int) -> None:
+    """Make the document separator the tokenizer's eos_token. A pretrained model ends text where its documents ended;
+    left alone, the Trainer would instead rewrite the model's eos_token_id to the tokenizer's (<|im_end|> in the Qwen
+    chat tokenizers) before training, and the saved model would stop generating at the wrong token."""
+    if tokenizer.eos_token_id != separator_id:
         log.info("tokenizer eos_token %s -> %s, the document separator", tokenizer.eos_token,
-                 tokenizer.convert_ids_to_tokens(separator))
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(separator)
-    return config, tokenizer, separator
+                 tokenizer.convert_ids_to_tokens(separator_id))
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(separator_id)

@@ -6,13 +6,13 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
+from . import outputs
+from .checkpoints import checkpoints
 from .fileio import atomic_output
-from .resume import checkpoints
+from .model import parameter_count
 
-SETTINGS_FILE = "run_settings.json"
 # What a checkpoint's meaning depends on: resuming with any of these changed would silently mix two runs.
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
@@ -44,6 +44,7 @@ def check_ds_config(training_args) -> None:
 
 
 def run_settings(config: PretrainedConfig, data_args, training_args) -> dict:
+    """What a pretraining checkpoint's meaning depends on: a rerun that resumes must have the same."""
     return {"architecture": {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS},
             "train_files": [str(Path(f).resolve()) for f in data_args.train_files],
             "block_size": data_args.block_size,
@@ -52,11 +53,21 @@ def run_settings(config: PretrainedConfig, data_args, training_args) -> dict:
             "world_size": training_args.world_size, "seed": training_args.seed}
 
 
+def sft_run_settings(model_path: str, data_args, training_args) -> dict:
+    """The same for fine-tuning."""
+    local = Path(model_path).exists()
+    return {"model": str(Path(model_path).resolve()) if local else model_path,
+            "train_files": [str(Path(f).resolve()) for f in data_args.train_files],
+            "max_length": data_args.max_length, "system_prompt": data_args.system_prompt,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "world_size": training_args.world_size, "seed": training_args.seed}
+
+
 def check_same_run(output_dir: str, settings: dict) -> None:
     """Refuse to resume checkpoints written with other settings; otherwise record these for the next rerun."""
-    saved = Path(output_dir) / SETTINGS_FILE
-    if checkpoints(output_dir) and saved.is_file():
-        before = json.loads(saved.read_text())
+    before = outputs.run_settings(output_dir)
+    if checkpoints(output_dir) and before is not None:
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
             k = changed[0]
@@ -65,13 +76,8 @@ def check_same_run(output_dir: str, settings: dict) -> None:
 
 
 def save_run_settings(output_dir: str, settings: dict) -> None:
-    with atomic_output(Path(output_dir) / SETTINGS_FILE) as tmp:
+    with atomic_output(Path(output_dir) / outputs.RUN_SETTINGS_FILE) as tmp:
         tmp.write_text(json.dumps(settings, indent=1) + "\n")
-
-
-def parameter_count(config: PretrainedConfig) -> int:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        return AutoModelForCausalLM.from_config(config).num_parameters()
 
 
 def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:

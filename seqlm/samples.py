@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
+from . import outputs
 from .fileio import atomic_output
 
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "zh.txt"
-SAMPLES_FILE = "samples.jsonl"
 SAMPLING = dict(temperature=0.8, top_p=0.95)
 
 
@@ -27,16 +27,6 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompt: write one per line")
     return prompts
-
-
-def read_samples(output_dir: str | Path) -> list[dict]:
-    """The records of an output dir's samples.jsonl, oldest first. Split on "\\n" only, as file iteration does: a
-    generated text may hold other line breaks (U+2028, ...) that json.dumps leaves unescaped."""
-    path = Path(output_dir) / SAMPLES_FILE
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def _write_samples(path: Path, records: list[dict], mode: str) -> None:
@@ -89,8 +79,8 @@ class SamplesCallback(TrainerCallback):
         if self.every != 0 and state.is_world_process_zero:
             # A fresh run starts the file anew; a resumed one drops what the interrupted run wrote after the
             # checkpoint it resumes from (it samples that step again now).
-            kept = [r for r in read_samples(args.output_dir) if r["step"] < state.global_step]
-            with atomic_output(Path(args.output_dir) / SAMPLES_FILE) as tmp:
+            kept = [r for r in outputs.read_samples(args.output_dir) if r["step"] < state.global_step]
+            with atomic_output(Path(args.output_dir) / outputs.SAMPLES_FILE) as tmp:
                 _write_samples(tmp, kept, "w")
             self._sample(args, state, model)
 
@@ -115,7 +105,7 @@ class SamplesCallback(TrainerCallback):
         self._last_step = state.global_step
         samples = zip(self.prompts, greedy, sampled, strict=True)
         record = {"step": state.global_step, "samples": [dict(prompt=p, greedy=g, sampled=s) for p, g, s in samples]}
-        _write_samples(Path(args.output_dir) / SAMPLES_FILE, [record], "a")
+        _write_samples(Path(args.output_dir) / outputs.SAMPLES_FILE, [record], "a")
         log.info("samples at step %d:\n%s", state.global_step, "\n".join(
             f"  {s['prompt']}\n    greedy:  {s['greedy']!r}\n    sampled: {s['sampled']!r}" for s in record["samples"]))
         _log_to_swanlab(record)

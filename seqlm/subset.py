@@ -139,7 +139,7 @@ def make_subset(
         for _ in _valid_blocks(input_path, count, strict, "counting", parse):
             pass
         if count.valid < wanted:
-            raise NotEnoughLines(f"{input_path} has {count.valid:,} valid lines; asked for {lines:,} + {val_lines:,}")
+            raise NotEnoughLines(_too_few(input_path, count, lines, val_lines))
         train_idx, val_idx = _sample_roles(count.valid, lines, val_lines, seed)
     else:
         train_idx, val_idx = range(lines), range(lines, wanted)
@@ -160,10 +160,20 @@ def make_subset(
                 raise
             damaged = e
         if damaged is None and stats.valid < limit:
-            raise NotEnoughLines(f"{input_path} has {stats.valid:,} valid lines; asked for {lines:,} + {val_lines:,}")
+            raise NotEnoughLines(_too_few(input_path, stats, lines, val_lines))
     if damaged is not None:
         raise CorruptInput(f"{damaged}; kept the {stats.valid:,} lines read before it, as asked (--keep-partial)")
     return stats
+
+
+def _too_few(input_path, stats: LineStats, lines: int, val_lines: int) -> str:
+    """One line: how many valid lines there are, which lines were skipped and why, and what was asked for."""
+    skipped = sum(stats.skipped.values())
+    why = ", ".join(f"{count:,} {reason} from line {stats.examples[reason][0]:,}"
+                    for reason, count in stats.skipped.most_common())
+    return (f"{input_path} has only {stats.valid:,} valid lines of {stats.lines:,}"
+            f"{f' (skipped {skipped:,}: {why})' if skipped else ''}; asked for {lines:,} + {val_lines:,} (--lines + "
+            "--val-lines): ask for fewer, or pass a larger corpus. Nothing was written")
 
 
 def _copy(blocks: Iterator[list[bytes]], destinations: list[tuple[BinaryIO, Sequence[int]]]) -> None:

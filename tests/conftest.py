@@ -10,15 +10,12 @@ import io
 import itertools
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # so plain `pytest` finds seqlm too, not only `python -m pytest`
 
 PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, fast to tokenize
 

@@ -1,42 +1,35 @@
 """Helpers shared by tests: running the training scripts through the real DeepSpeed launcher on CPU ranks, and
 variants of the real Qwen tokenizer."""
 import json
-import os
-import socket
+import re
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from seqlm.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus  # noqa: F401 (free_port: for tests)
+
 REPO = Path(__file__).resolve().parent.parent
+ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
+IM_END = 151645  # <|im_end|>: the end of a chat turn
 BLOCK = 128
-TINY_RUN = ["--block_size", str(BLOCK), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--learning_rate", "3e-3", "--warmup_steps", "5", "--activation_checkpointing", "false",
-            "--logging_steps", "5", "--disable_tqdm", "true"]
+TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def assert_rate_is_true(build_output: str) -> None:
+    """A cache build's summary line states its time and a rate that is its tokens over that time (a build of a tiny
+    file takes milliseconds: the rate must still be a real one)."""
+    match = re.search(r" ([\d,]+) tokens(?: \(\w+\))?,?.* in ([\d.e+-]+) s \(([\d,]+) tokens/s\)", build_output)
+    assert match, build_output
+    tokens, seconds, rate = int(match[1].replace(",", "")), float(match[2]), int(match[3].replace(",", ""))
+    assert seconds > 0 and rate == pytest.approx(tokens / seconds, rel=0.01, abs=0.5) and rate < 1e9
 
 
 def write_jsonl(path: Path, texts) -> Path:
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    write_demo_corpus(path, documents=texts)
     return path
-
-
-def pretrain_command(data, output_dir: Path, *args: str, preset="tiny", train=None, ranks=1, swanlab="offline",
-                     **extra_env: str) -> tuple[list[str], dict]:
-    """The pretrain.sh command line and environment for a run on `data` (the conftest fixture)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PRESET": preset, "TOKENIZER": str(data["tokenizer"]), "TRAIN_FILE": str(train or data["train"]),
-           "VALIDATION_FILE": str(data["val"]), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
-           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": swanlab, **extra_env}
-    env.pop("OMP_NUM_THREADS", None)
-    return ["bash", str(REPO / "pretrain.sh"), "--token_cache_dir", str(data["cache"]), *args], env
 
 
 def pretrain_sh(data, output_dir: Path, *args: str, expect_ok=True, **kwargs) -> str:
@@ -54,6 +47,30 @@ def trainer_state(output_dir: Path) -> dict:
 
 def swanlab_runs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "swanlog").glob("run-*"))
+
+
+def swanlab_records(run_folder: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[str]]]:
+    """What an offline swanlab run folder holds, read with swanlab's own record reader: {metric key: {step: value}}
+    and {text key: the texts logged}."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    scalars: dict[str, dict[int, float]] = {}
+    texts: dict[str, list[str]] = {}
+    reader = DataStoreReader()
+    reader.open(next(run_folder.glob("*.swanlab")))
+    for raw in reader:
+        record = Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "scalar":
+            scalars.setdefault(record.scalar.key, {})[record.scalar.step] = record.scalar.value.number
+        elif kind == "media":
+            texts.setdefault(record.media.key, []).extend(
+                (run_folder / "media" / "text" / item.filename).read_text(encoding="utf-8")
+                for item in record.media.value.items)
+    reader.close()
+    return scalars, texts
 
 
 def reshaped(tokenizer, change) -> PreTrainedTokenizerFast:

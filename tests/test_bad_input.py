@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ENDOFTEXT, REPO
 
-from helpers import REPO
 from seqlm.token_cache import TokenCache, build_token_cache
 
 
@@ -58,7 +58,7 @@ def test_a_50_mb_line_goes_through_make_subset(huge_line_corpus, tmp_path):
 
 def test_a_50_mb_line_goes_through_tokenization(huge_line_corpus, offline_qwen_tokenizer, tmp_path):
     path, chars = huge_line_corpus
-    cache = TokenCache(build_token_cache(path, offline_qwen_tokenizer, 151643, tmp_path))
+    cache = TokenCache(build_token_cache(path, offline_qwen_tokenizer, ENDOFTEXT, tmp_path))
     assert cache.manifest["num_docs"] == 3
     lengths = [len(d) for d in cache.documents()]
     assert lengths[1] > chars / 3  # the huge document came through whole (≈1.5 characters a token)

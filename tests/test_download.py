@@ -20,12 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so plain `pytest` finds seqlm too, not only `python -m pytest`
 from seqlm import download, paths  # noqa: E402
 
-SCRIPT = ROOT / "download_dataset.py"
+SCRIPT = REPO / "download_dataset.py"
 SHA = "4f2c1c8e6b1d3a5f7e9d0b2a4c6e8f0a1b3d5c7e"  # the fake repos' commit
 TOKEN = "hf_fakeTokenThatMustNeverBePrinted"
 MODEL = {name: json.dumps({"file": name}).encode() for name in download.MODEL_FILES}
@@ -208,7 +207,7 @@ def test_model_unreachable_is_one_line_and_quick(tmp_path, silent_url, offline):
     start = time.monotonic()
     out = cli(tmp_path, "--model", **env)
     assert out.returncode == 1
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # seconds (≈ 3 when idle), not minutes of retries; loose for busy machines
     [line] = out.stderr.splitlines()
     reason = {"closed port": "ConnectError", "HF_HUB_OFFLINE=1": "OfflineModeIsEnabled", "silent server": "ReadTimeout"}
     assert line.startswith(f"error: cannot download {download.MODEL_REPO} from the Hugging Face hub")

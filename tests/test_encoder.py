@@ -5,10 +5,10 @@ import random
 import unicodedata
 
 import pytest
+from helpers import add_a_prefix_token, reshaped
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from helpers import add_a_prefix_token, reshaped
 from seqlm.encoder import Encoder, tiktoken_twin
 
 SNIPPET = "a{c}b {c}{c}1{c} 中{c}\n{c}  {c}'s{c}\r\n"  # a code point next to letters, digits, spaces and itself

@@ -5,13 +5,13 @@ Daily text."""
 import json
 import math
 import runpy
-import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import ENDOFTEXT, REPO, write_jsonl
 from torch.utils.data import ConcatDataset, Subset
 from transformers import (
     AutoModelForCausalLM,
@@ -19,20 +19,23 @@ from transformers import (
     default_data_collator,
 )
 
-from seqlm.evaluation import BitsPerCharCallback, TextSize, mean_loss, text_size
+from seqlm.evaluation import BitsPerCharCallback, EvaluatedText, TokenTextSizes, mean_loss
 from seqlm.model import load_config
 from seqlm.token_cache import BlockDataset, TokenCache, build_token_cache
 from seqlm.trainer import SafeTrainer
 
-REPO = Path(__file__).resolve().parent.parent
-ENDOFTEXT = 151643
 BLOCK = 64
 
 
-def measured(tokenizer, texts: list[str]) -> TextSize:
-    """The size of the text, independently of the token cache: each document's tokens and its separator."""
-    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    return TextSize(tokens, sum(map(len, texts)), sum(len(t.encode("utf-8")) for t in texts))
+def brute_force_text(blocks: list[BlockDataset], n: int, sizes: TokenTextSizes) -> tuple[int, int]:
+    """(characters, bytes) of the tokens the first n blocks predict, one token at a time."""
+    chars = byte_count = 0
+    for blocks_of_file in blocks:
+        for i in range(min(n, len(blocks_of_file))):
+            for token in blocks_of_file[i]["input_ids"][1:].tolist():
+                chars, byte_count = chars + int(sizes.chars[token]), byte_count + int(sizes.bytes[token])
+        n -= min(n, len(blocks_of_file))
+    return chars, byte_count
 
 
 @pytest.fixture(scope="module")
@@ -47,31 +50,56 @@ def corpus(tmp_path_factory, offline_qwen_tokenizer, peoples_daily_texts):
     model = AutoModelForCausalLM.from_config(load_config("tiny"))
     model.save_pretrained(root / "model")
     offline_qwen_tokenizer.save_pretrained(root / "model")
-    return dict(root=root, texts=texts, files=files, folders=folders, model=model.eval())
+    return dict(root=root, texts=texts, files=files, folders=folders, model=model.eval(),
+                tokenizer=offline_qwen_tokenizer)
 
 
 def test_manifest_counts_the_characters_and_bytes_of_the_text(corpus, offline_qwen_tokenizer):
     for name, folder in corpus["folders"].items():
         m = TokenCache(folder).manifest
-        expected = measured(offline_qwen_tokenizer, corpus["texts"][name])
-        assert (m["num_tokens"], m["num_chars"], m["num_bytes"]) == (expected.tokens, expected.chars, expected.bytes)
-        assert expected.bytes > 2.5 * expected.chars  # Chinese: about 3 UTF-8 bytes a character
+        texts = corpus["texts"][name]
+        tokens = sum(len(offline_qwen_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+        assert (m["num_tokens"], m["num_chars"], m["num_bytes"]) == (
+            tokens, sum(map(len, texts)), sum(len(t.encode("utf-8")) for t in texts))
 
 
-def test_a_cache_built_before_the_counts_is_measured_from_its_source(corpus, tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(corpus["folders"]["a"], old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items()
-                                                   if k not in ("num_chars", "num_bytes")}))
-    assert text_size(TokenCache(old)) == text_size(TokenCache(corpus["folders"]["a"]))
+def test_each_documents_tokens_hold_exactly_its_text(corpus, offline_qwen_tokenizer):
+    """The per-token sizes against Python's own count of each document's characters and UTF-8 bytes."""
+    sizes = TokenTextSizes(offline_qwen_tokenizer, ENDOFTEXT)
+    assert sizes.exact
+    documents = [d for folder in corpus["folders"].values() for d in TokenCache(folder).documents()]
+    texts = [t for name in corpus["folders"] for t in corpus["texts"][name]]
+    for doc, text in zip(documents, texts, strict=True):
+        assert doc[-1] == ENDOFTEXT and sizes.of(doc[-1:]) == (0, 0)  # the separator holds no text
+        assert sizes.of(doc) == (len(text), len(text.encode("utf-8")))
+    assert sum(map(len, texts)) * 2.5 < sum(len(t.encode("utf-8")) for t in texts)  # Chinese: ≈ 3 bytes a character
+
+
+def test_a_special_token_written_in_a_document_counts_as_its_text(offline_qwen_tokenizer):
+    text = "前<|im_start|>后"
+    ids = np.array(offline_qwen_tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert offline_qwen_tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+    assert TokenTextSizes(offline_qwen_tokenizer, ENDOFTEXT).of(ids) == (len(text), len(text.encode()))
+
+
+def test_evaluated_text_is_exactly_the_predicted_tokens_of_the_first_blocks(corpus, offline_qwen_tokenizer):
+    blocks = [BlockDataset(corpus["folders"][name], BLOCK) for name in ("a", "b")]
+    sizes = TokenTextSizes(offline_qwen_tokenizer, ENDOFTEXT)
+    for n in (1, len(blocks[0]), len(blocks[0]) + 2, len(blocks[0]) + len(blocks[1])):  # one file, then both
+        text = EvaluatedText.of(Subset(ConcatDataset(blocks), range(n)), offline_qwen_tokenizer, ENDOFTEXT)
+        assert (text.blocks, text.total_blocks, text.predictions) == (n, len(blocks[0]) + len(blocks[1]),
+                                                                      n * (BLOCK - 1))
+        assert (text.chars, text.bytes) == brute_force_text(blocks, n, sizes)
+    with pytest.raises(ValueError, match="first blocks"):
+        EvaluatedText.of(Subset(blocks[0], [2, 3]), offline_qwen_tokenizer, ENDOFTEXT)
 
 
 def test_bits_are_the_loss_in_bits_spread_over_the_text():
-    size = TextSize(tokens=2, chars=3, bytes=9)
-    bits = size.bits(math.log(2) * 6, prefix="eval_")  # 6 bits a token, 12 bits in all
+    text = EvaluatedText(blocks=1, total_blocks=4, block_size=3, predictions=2, chars=3, bytes=9)
+    bits = text.bits(math.log(2) * 6, prefix="eval_")  # 6 bits a token, 12 bits in all
     assert bits == pytest.approx({"eval_bits_per_char": 4.0, "eval_bits_per_byte": 12 / 9})
-    assert size + size == TextSize(4, 6, 18)
+    assert text.describe() == ("the first 1 of 4 blocks of 3 tokens: 2 predicted tokens, 3 characters, "
+                               "9 UTF-8 bytes")
 
 
 def reference_loss(model, blocks: BlockDataset, n: int) -> tuple[float, int]:
@@ -117,13 +145,15 @@ def test_evaluate_py_scores_a_checkpoint(corpus, offline_qwen_tokenizer, monkeyp
     assert scores["block_size"] == BLOCK and [Path(s["file"]).stem for s in scores["files"]] == ["a", "b"]
     for s in scores["files"]:
         name = Path(s["file"]).stem
-        loss, count = reference_loss(corpus["model"], BlockDataset(corpus["folders"][name], BLOCK), 5)
-        size = measured(offline_qwen_tokenizer, corpus["texts"][name])  # the whole file's ratio, not the 5 blocks'
-        assert (s["blocks"], s["predicted_tokens"]) == (5, count)
+        blocks = BlockDataset(corpus["folders"][name], BLOCK)
+        loss, count = reference_loss(corpus["model"], blocks, 5)
+        chars, byte_count = brute_force_text([blocks], 5, TokenTextSizes(offline_qwen_tokenizer, ENDOFTEXT))
+        assert (s["blocks"], s["total_blocks"], s["predicted_tokens"]) == (5, len(blocks), count)
+        assert (s["chars"], s["bytes"]) == (chars, byte_count)  # the text of the 5 blocks, not the whole file's
         assert s["loss"] == pytest.approx(loss, rel=1e-5)
         assert s["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-        assert s["bits_per_char"] == pytest.approx(loss / math.log(2) * size.tokens / size.chars, rel=1e-5)
-        assert s["bits_per_byte"] == pytest.approx(loss / math.log(2) * size.tokens / size.bytes, rel=1e-5)
+        assert s["bits_per_char"] == pytest.approx(loss / math.log(2) * count / chars, rel=1e-5)
+        assert s["bits_per_byte"] == pytest.approx(loss / math.log(2) * count / byte_count, rel=1e-5)
         assert f"{s['bits_per_char']:.4f}" in stdout  # the table
     # The cache pretrain.py built is reused: same tokenizer, same separator (the model's eos_token_id).
     assert len(list((corpus["root"] / "cache").glob("a.jsonl-*"))) == 1
@@ -144,10 +174,10 @@ def test_callback_adds_bits_per_char_to_the_trainers_evaluation(corpus, tmp_path
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=3)
     trainer = SafeTrainer(model=corpus["model"], args=args, eval_dataset=eval_dataset,
                           data_collator=default_data_collator)
-    trainer.add_callback(BitsPerCharCallback.from_dataset(eval_dataset))
+    trainer.add_callback(BitsPerCharCallback(EvaluatedText.of(eval_dataset, corpus["tokenizer"], ENDOFTEXT)))
     metrics = trainer.evaluate()
-    # The ratio of both whole files, whichever blocks were evaluated.
-    size = text_size(blocks[0].cache) + text_size(blocks[1].cache)
-    assert metrics["eval_bits_per_char"] == pytest.approx(metrics["eval_loss"] / math.log(2) * size.tokens / size.chars)
-    assert metrics["eval_bits_per_byte"] == pytest.approx(metrics["eval_loss"] / math.log(2) * size.tokens / size.bytes)
+    chars, byte_count = brute_force_text(blocks, 6, TokenTextSizes(corpus["tokenizer"], ENDOFTEXT))
+    bits = metrics["eval_loss"] / math.log(2) * 6 * (BLOCK - 1)
+    assert metrics["eval_bits_per_char"] == pytest.approx(bits / chars)
+    assert metrics["eval_bits_per_byte"] == pytest.approx(bits / byte_count)
     assert metrics["eval_loss"] == pytest.approx(mean_loss(corpus["model"], blocks[0], 3, 6)[0], rel=1e-5)

@@ -10,10 +10,17 @@ from helpers import REPO
 from transformers import AutoModelForCausalLM, HfArgumentParser, Qwen2Config
 
 from seqlm.arguments import PretrainingArguments
-from seqlm.memory import (GB, advice, check_gpu_memory, largest_micro_batch, logged_plan, plan_memory,
-                          saved_activation_bytes)
-from seqlm.model import load_config
-from seqlm.preflight import parameter_count
+from seqlm.memory import (
+    GB,
+    advice,
+    check_gpu_memory,
+    largest_micro_batch,
+    logged_plan,
+    plan_memory,
+    resolve_activation_checkpointing,
+    saved_activation_bytes,
+)
+from seqlm.model import load_config, parameter_count
 
 BATCH, SEQ = 2, 64
 
@@ -87,17 +94,23 @@ def parse(*flags: str) -> PretrainingArguments:
         ["--output_dir", "unused", "--report_to", "none", *flags])[0]
 
 
-@pytest.mark.parametrize("flags, on, auto", [
-    ([], True, True),
-    (["--activation_checkpointing", "false"], False, False),
-    (["--activation_checkpointing", "true"], True, False),
-    (["--activation_checkpointing", "False"], False, False),
-    (["--gradient_checkpointing", "false"], False, False),  # the tutorial's flag still wins
-    (["--gradient_checkpointing", "true"], True, False),
+@pytest.mark.parametrize("flags, value", [
+    ([], "auto"),
+    (["--activation_checkpointing", "false"], False),
+    (["--activation_checkpointing", "true"], True),
+    (["--activation_checkpointing", "False"], False),
+    (["--gradient_checkpointing", "false"], False),  # the tutorial's flag still wins
+    (["--gradient_checkpointing", "true"], True),
 ])
-def test_activation_checkpointing_flags(flags, on, auto):
+def test_activation_checkpointing_flags(flags, value):
+    assert parse(*flags).activation_checkpointing == value
+
+
+@pytest.mark.parametrize("flags", [[], ["--activation_checkpointing", "true"]])
+def test_checkpointing_on_a_cpu_is_on_unless_turned_off(flags):
     args = parse(*flags)
-    assert (args.activation_checkpointing, args.checkpointing_auto) == (on, auto)
+    assert resolve_activation_checkpointing(load_config("tiny"), 128, args) is True
+    assert args.activation_checkpointing is True
 
 
 def test_activation_checkpointing_rejects_other_values():
@@ -113,6 +126,7 @@ def test_activation_checkpointing_rejects_other_values():
 def test_auto_checkpointing_turns_off_only_when_the_run_fits(gpu_gb, on, caplog):
     args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
     with caplog.at_level(logging.INFO):
+        assert resolve_activation_checkpointing(load_config("qwen2.5-0.5b"), 2048, args, gpu_gb * GB) is on
         check_gpu_memory(load_config("qwen2.5-0.5b"), 2048, args, gpu_gb * GB)
     assert args.activation_checkpointing is on
     assert f"activation checkpointing {'on' if on else 'off'}" in caplog.text
@@ -124,7 +138,8 @@ def test_the_logged_plan_reads_back(caplog):
     args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
     config = load_config("qwen2.5-0.5b")
     with caplog.at_level(logging.INFO):
-        check_gpu_memory(config, 2048, args, 141 * GB)  # 141 GB: checkpointing off
+        resolve_activation_checkpointing(config, 2048, args, 141 * GB)  # 141 GB: checkpointing off
+        check_gpu_memory(config, 2048, args, 141 * GB)
     tensors, total = logged_plan(caplog.text)
     plan = plan_memory(config, parameter_count(config), 4, 2048, zero_stage=2, checkpointing=False)
     assert total == pytest.approx(plan.total / GB, abs=0.05)

@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import ENDOFTEXT, REPO
 from transformers import AutoConfig, AutoModelForCausalLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-ENDOFTEXT = 151643
+CONFIGS = os.path.join(REPO, "configs")
 
 
 def load(name):

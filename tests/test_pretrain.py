@@ -3,12 +3,26 @@ swanlab in offline mode, and checkpoints reloaded by stock transformers."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import BLOCK, REPO, TINY_RUN, free_port, pretrain_sh, swanlab_runs, trainer_state
+import torch
+from helpers import (
+    BLOCK,
+    ENDOFTEXT,
+    REPO,
+    TINY_RUN,
+    free_port,
+    pretrain_sh,
+    swanlab_records,
+    swanlab_runs,
+    trainer_state,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -17,8 +31,8 @@ from transformers import (
 )
 
 from seqlm.memory import MASTER_AND_MOMENTS
-from seqlm.model import load_config
-from seqlm.preflight import parameter_count
+from seqlm.model import load_config, parameter_count
+from seqlm.outputs import read_samples
 from seqlm.token_cache import BlockDataset, TokenCache
 
 
@@ -46,7 +60,14 @@ def test_one_swanlab_run_written_offline(trained):
     out, _ = trained
     runs = swanlab_runs(out)
     assert len(runs) == 1
-    assert list(runs[0].glob("*.swanlab")), "the run holds no swanlab record"
+    scalars, texts = swanlab_records(runs[0])
+    history = trainer_state(out)["log_history"]
+    assert scalars["train/loss"] == {h["step"]: pytest.approx(h["loss"]) for h in history if "loss" in h}
+    assert scalars["eval/bits_per_char"] == {h["step"]: pytest.approx(h["eval_bits_per_char"])
+                                             for h in history if "eval_bits_per_char" in h}
+    assert set(scalars["train/tokens_per_second"]) == {h["step"] for h in history if "tokens_per_second" in h}
+    last = read_samples(out)[-1]["samples"]
+    assert [s["prompt"] + s["greedy"] for s in last] == texts["samples/greedy"][-len(last):]
 
 
 def test_checkpoint_reloads_in_stock_transformers(trained):
@@ -55,9 +76,36 @@ def test_checkpoint_reloads_in_stock_transformers(trained):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     # Documents ended with <|endoftext|>, so must generation: not the chat tokenizer's <|im_end|>.
-    assert model.config.eos_token_id == 151643 and tokenizer.eos_token == "<|endoftext|>"
+    assert model.config.eos_token_id == ENDOFTEXT and tokenizer.eos_token == "<|endoftext|>"
     generated = pipeline("text-generation", model=model, tokenizer=tokenizer)("中国", max_new_tokens=8, do_sample=False)
     assert len(tokenizer(generated[0]["generated_text"])["input_ids"]) > len(tokenizer("中国")["input_ids"])
+
+
+def test_saved_model_is_what_stock_save_pretrained_saves(trained, tmp_path):
+    """No second copy of the tied embedding as lm_head.weight, and a config that generates with the KV cache."""
+    out, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.save_pretrained(tmp_path)
+    for folder in (out, out / "checkpoint-30"):
+        with safe_open(folder / "model.safetensors", "pt") as ours, safe_open(tmp_path / "model.safetensors", "pt") as stock:
+            assert set(ours.keys()) == set(stock.keys()) and "lm_head.weight" not in ours.keys()
+            assert all(torch.equal(ours.get_tensor(k), stock.get_tensor(k)) for k in ours.keys())
+        assert abs((folder / "model.safetensors").stat().st_size - (tmp_path / "model.safetensors").stat().st_size) < 4096
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied again on load
+
+
+def test_deepspeeds_zero_to_fp32_gives_the_saved_weights(trained, tmp_path):
+    """The README's recipe for optimizer-free fp32 weights, step by step."""
+    checkpoint, fp32 = trained[0] / "checkpoint-30", tmp_path / "pretrain-fp32"
+    result = subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(fp32)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, fp32)
+    model = AutoModelForCausalLM.from_pretrained(fp32)
+    saved = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())  # fp32 on CPU: the same numbers
 
 
 def assert_optimizer_shards(out, ranks: int) -> None:
@@ -128,15 +176,18 @@ def test_ds_config_autos_are_filled_from_training_arguments(tmp_path):
     assert "optimizer" not in config and "scheduler" not in config  # HF's AdamW + cosine; no FusedAdam JIT build
 
 
-def test_ds_config_contradicting_the_flags_is_rejected(tmp_path):
+def test_ds_config_contradicting_the_flags_is_rejected_before_any_work(tmp_path):
     config = json.loads((REPO / "ds_config_zero2.json").read_text())
     config["train_micro_batch_size_per_gpu"] = 8
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(tmp_path / "ds.json"), use_cpu=True,
-                             per_device_train_batch_size=3)
-    model = AutoModelForCausalLM.from_config(load_config("tiny"))
-    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu"):
-        args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
+    result = run_pretrain_py("--deepspeed", str(tmp_path / "ds.json"), "--per_device_train_batch_size", "3",
+                             "--train_files", str(REPO / "pretrain.py"), "--eval_strategy", "no",
+                             "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu", "true",
+                             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert ("the DeepSpeed config sets train_micro_batch_size_per_gpu=8 but --per_device_train_batch_size is 3: set "
+            'it to "auto" in the ds config') in result.stdout
 
 
 def run_pretrain_py(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -164,7 +215,7 @@ def test_token_cache_is_shared_by_runs(trained, data):
     names = sorted(p.name.split("-")[0] for p in data["cache"].iterdir() if (p / "manifest.json").is_file())
     assert names.count("train.jsonl") == 1 and names.count("val.jsonl") == 1
     cache = TokenCache(next(p for p in data["cache"].iterdir() if p.name.startswith("train.jsonl-")))
-    assert cache.manifest["separator_id"] == 151643
+    assert cache.manifest["separator_id"] == ENDOFTEXT
 
 
 def test_swanlab_cloud_without_a_key_fails_before_training(data, tmp_path):

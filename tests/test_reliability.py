@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, swanlab_runs, trainer_state
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, swanlab_runs, trainer_state
+from seqlm.checkpoints import latest_complete_checkpoint
 from seqlm.model import load_config
+from seqlm.outputs import COMPLETE_MARKER as MARKER
 from seqlm.preflight import check_disk, check_disk_space
-from seqlm.resume import MARKER, latest_complete_checkpoint
 
 RUN = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "16"]
 

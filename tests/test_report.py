@@ -2,6 +2,7 @@
 for an output dir that holds only a checkpoint, and at the end of `bash pretrain.sh` through the DeepSpeed
 launcher."""
 import json
+import re
 import runpy
 import shutil
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, pretrain_sh, write_jsonl
+from helpers import ENDOFTEXT, REPO, TINY_RUN, pretrain_sh, write_jsonl
 from matplotlib.image import imread
 from torch.utils.data import Subset
 from transformers import (
@@ -19,16 +20,16 @@ from transformers import (
 )
 
 from seqlm.arguments import DataTrainingArguments, ModelArguments, SampleArguments
-from seqlm.evaluation import BitsPerCharCallback
+from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
 from seqlm.model import load_config
-from seqlm.report import RunRecordCallback, one_line, wall_seconds, write_report
-from seqlm.samples import SamplesCallback, read_samples
+from seqlm.outputs import PRETRAINING, read_samples
+from seqlm.report import RunRecordCallback, logged_throughput, one_line, wall_seconds, write_report
+from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.trainer import SafeTrainer
 
-REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["## Summary", "## Curves", "## Samples", "## Configuration", "## Environment"]
-PLOTS = ["loss.png", "bits_per_char.png", "learning_rate.png", "throughput.png"]
+PLOTS = ["loss.png", "bits_per_char.png", "bits_per_byte.png", "learning_rate.png", "throughput.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -39,6 +40,15 @@ def assert_valid_pngs(folder: Path, names: list[str]) -> None:
         pixels = imread(path)  # decodes the whole image
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100, name
         assert pixels.std() > 0, f"{name} is blank"
+
+
+def test_throughput_is_the_logged_intervals_tokens_over_their_seconds():
+    history = [{"num_input_tokens_seen": 0, "loss": 9.0},  # the first log of a run has no interval yet
+               {"num_input_tokens_seen": 1000, "tokens_per_second": 100, "loss": 8.0},  # 10 s
+               {"num_input_tokens_seen": 1000, "eval_loss": 8.5},  # evaluation: no tokens, no interval
+               {"num_input_tokens_seen": 4000, "tokens_per_second": 300, "loss": 7.0}]  # 10 s
+    assert logged_throughput(history) == 200.0  # 4,000 tokens in 20 s, not the mean of 100 and 300
+    assert logged_throughput([{"num_input_tokens_seen": 0, "loss": 9.0}]) is None
 
 
 def test_wall_time_adds_up_the_sessions_of_a_resumed_run():
@@ -55,7 +65,7 @@ def tiny_run(tmp_path_factory, offline_qwen_tokenizer, peoples_daily_texts):
     model_args, sample_args = ModelArguments(config_name="tiny"), SampleArguments(sample_steps=2,
                                                                                   sample_max_new_tokens=6)
     data_args = DataTrainingArguments(block_size=64, max_eval_samples=4)
-    folders = {name: build_token_cache(write_jsonl(root / f"{name}.jsonl", texts), offline_qwen_tokenizer, 151643,
+    folders = {name: build_token_cache(write_jsonl(root / f"{name}.jsonl", texts), offline_qwen_tokenizer, ENDOFTEXT,
                                        root / "cache")
                for name, texts in (("train", peoples_daily_texts[:10]), ("val", peoples_daily_texts[10:13]))}
     eval_dataset = Subset(BlockDataset(folders["val"], 64), range(4))
@@ -69,9 +79,10 @@ def tiny_run(tmp_path_factory, offline_qwen_tokenizer, peoples_daily_texts):
     trainer = SafeTrainer(model=AutoModelForCausalLM.from_config(config), args=args,
                           train_dataset=BlockDataset(folders["train"], 64), eval_dataset=eval_dataset,
                           processing_class=offline_qwen_tokenizer, data_collator=default_data_collator)
-    trainer.add_callback(BitsPerCharCallback.from_dataset(eval_dataset))
+    held_out = EvaluatedText.of(eval_dataset, offline_qwen_tokenizer, ENDOFTEXT)
+    trainer.add_callback(BitsPerCharCallback(held_out))
     trainer.add_callback(SamplesCallback.from_args(sample_args, offline_qwen_tokenizer))
-    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
+    trainer.add_callback(RunRecordCallback(PRETRAINING, (model_args, data_args, sample_args), held_out.describe()))
     result = trainer.train()
     trainer.save_model()
     trainer.save_metrics("train", result.metrics)
@@ -92,6 +103,14 @@ def test_report_of_a_tiny_run_holds_every_section_and_valid_plots(tiny_run):
     assert f"| held-out bits per character | {results['eval_bits_per_char']:,.3f} |" in report
     assert f"| tokens seen | {4 * 2 * 64:,} |" in report
     assert "| steps | 4 of 4 " in report
+    assert report.startswith("# Run report (pretraining): ")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    plotted = [h["tokens_per_second"] for h in history if "tokens_per_second" in h]
+    average = float(re.search(r"\| throughput \| ([\d,]+) tokens/s over the logged intervals", report)[1].replace(",", ""))
+    assert min(plotted) - 1 <= average <= max(plotted) + 1  # an average of what the plot shows
+    blocks = len(BlockDataset(next(out.parent.glob("cache/val.jsonl-*")), 64))
+    assert (f"| held-out text evaluated | the first 4 of {blocks} blocks of 64 tokens: {4 * 63} predicted tokens, "
+            in report)
     assert f"{AutoModelForCausalLM.from_pretrained(out).num_parameters():,} parameters" in report
     last = read_samples(out)[-1]
     assert last["step"] == 4 and f"greedy:  {one_line(last['samples'][0]['greedy'])}" in report
@@ -107,8 +126,10 @@ def test_trainer_state_keeps_what_the_callbacks_add(tiny_run):
     for h in evals:  # added by BitsPerCharCallback after the Trainer had stored the entry
         assert h["eval_bits_per_char"] > h["eval_bits_per_byte"] > 0
     info = json.loads((out / "run_info.json").read_text())
-    assert set(info["arguments"]) == {"ModelArguments", "DataTrainingArguments", "SampleArguments",
-                                      "TrainingArguments"}
+    assert info["kind"] == "pretraining" and info["held_out"].startswith("the first 4 of ")
+    arguments = info["arguments"]
+    assert (arguments["config_name"], arguments["block_size"], arguments["sample_steps"],
+            arguments["learning_rate"]) == ("tiny", 64, 2, 0.003)
     assert info["hardware"]["cpu_cores"] >= 1 and info["versions"]["transformers"]
 
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import ENDOFTEXT, write_jsonl
 from transformers import (
     AutoModelForCausalLM,
     Trainer,
@@ -18,11 +18,10 @@ from transformers import (
 from seqlm import samples as samples_module
 from seqlm.arguments import SampleArguments
 from seqlm.model import load_config
-from seqlm.samples import SamplesCallback, continuations, load_prompts, read_samples
+from seqlm.outputs import read_samples
+from seqlm.samples import SamplesCallback, continuations, load_prompts
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import start_swanlab
-
-ENDOFTEXT = 151643
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, free_port, swanlab_runs, trainer_state
+from helpers import ENDOFTEXT, IM_END, REPO, assert_rate_is_true, free_port, swanlab_runs, trainer_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqlm.conversation import parse_conversation
 from seqlm.corpus import BadLine
 from seqlm.demo import write_demo_conversations
 from seqlm.model import load_config
-from seqlm.samples import read_samples
-from seqlm.sft import (IGNORE_INDEX, ChatMLEncoder, ConversationDataset, LengthGroupedSampler, PadToLongest,
-                       build_sft_cache, prepare_chat_tokenizer)
+from seqlm.outputs import read_samples
+from seqlm.sft import LengthGroupedSampler, PadToLongest, prepare_chat_tokenizer
+from seqlm.sft_cache import IGNORE_INDEX, ChatMLEncoder, ConversationDataset, build_sft_cache
 from seqlm.subset import make_subset
 from seqlm.tokenizer import offline_tokenizer_dir
 
@@ -185,6 +185,15 @@ def test_cache_counts_what_it_skipped_and_is_reused(cached, tokenizer):
     assert other != cached["folder"]  # another system prompt is another tokenization
 
 
+def test_the_build_states_a_true_rate(tmp_path, tokenizer, capsys):
+    source = tmp_path / "one.jsonl"
+    source.write_bytes(line(belle("你好", "你好！")))
+    build_sft_cache(source, tokenizer, None, tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert ": 1 conversations, " in out
+    assert_rate_is_true(out)
+
+
 def labels_as_mask(item) -> list[int]:
     return (item["labels"] != IGNORE_INDEX).int().tolist()
 
@@ -269,7 +278,8 @@ def test_a_large_file_is_streamed_in_bounded_memory(tmp_path, tokenizer):
         import json
         from transformers import AutoTokenizer
         from seqlm.conversation import parse_conversation
-        from seqlm.sft import build_sft_cache, prepare_chat_tokenizer
+        from seqlm.sft import prepare_chat_tokenizer
+        from seqlm.sft_cache import build_sft_cache
         from seqlm.subset import make_subset
 
         def rss_mb(field):
@@ -355,7 +365,7 @@ def test_checkpoint_reloads_in_stock_transformers_as_a_chat_model(finetuned):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.eos_token == "<|im_end|>" and model.config.eos_token_id == 151645
-    assert model.generation_config.eos_token_id == [151645, 151643]  # end of turn, or end of document
+    assert model.generation_config.eos_token_id == [IM_END, ENDOFTEXT]  # end of turn, or end of document
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
                                            tokenize=False)
     assert prompt == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
@@ -366,11 +376,19 @@ def test_checkpoint_reloads_in_stock_transformers_as_a_chat_model(finetuned):
 
 def test_chat_py_answers_with_the_checkpoint(finetuned):
     out, _ = finetuned
-    result = subprocess.run([sys.executable, str(REPO / "chat.py"), "--model_path", str(out), "--prompt",
-                             "请续写这段新闻：今天天气很好。", "--greedy", "--max_new_tokens", "8"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    prompt = "请续写这段新闻：今天天气很好。"
+    result = subprocess.run([sys.executable, str(REPO / "chat.py"), "--model_path", str(out), "--prompt", prompt,
+                             "--greedy", "--max_new_tokens", "8"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    # The same answer from stock transformers: the saved template, greedy, chat.py's repetition penalty, and a stop
+    # at the end of the turn.
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_dict=True, return_tensors="pt")["input_ids"]
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, repetition_penalty=1.1)
+    answer = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert answer and result.stdout.strip() == answer
 
 
 def test_rerun_resumes_from_the_last_checkpoint(finetuned):
@@ -407,6 +425,18 @@ def test_bad_settings_are_refused(sft_data, tmp_path, monkeypatch, caplog, args,
 
 def test_the_run_ends_with_a_report_and_chat_samples(finetuned):
     out, _ = finetuned
-    assert "## " in (out / "report.md").read_text(encoding="utf-8")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# Run report (fine-tuning): ")
+    assert [line for line in report.splitlines() if line.startswith("## ")] == [
+        "## Summary", "## Curves", "## Samples", "## Configuration", "## Environment"]
+    tokens = trainer_state(out)["num_input_tokens_seen"]
+    assert f"| tokens seen (padding excluded) | {tokens:,} |" in report
+    assert "| held-out loss on the answers | " in report
+    assert "bits per" not in report and "continuation" not in report  # pretraining's rows and words
+    assert "the greedy and the sampled (fixed seed) answer to each prompt (a user turn):" in report
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["kind"] == "fine-tuning" and "config_name" not in info["arguments"]
+    assert info["arguments"]["model_name_or_path"] == str(out.parent / "pretrained")
     records = read_samples(out)
-    assert records[-1]["step"] == 12 and records[-1]["samples"][0]["greedy"] is not None
+    assert [r["step"] for r in records] == [0, 6, 12]  # the rerun resumed at 6 and sampled that step again
+    assert all(s["greedy"] is not None for s in records[-1]["samples"])

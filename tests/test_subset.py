@@ -8,13 +8,13 @@ import sys
 from collections import Counter
 
 import pytest
+from helpers import REPO
 
 from seqlm import corpus
 from seqlm.corpus import BadLine, CorruptInput
 from seqlm.fileio import partial_name
 from seqlm.subset import NotEnoughLines, make_subset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("tar.bz2", "tar.gz", "jsonl.gz", "jsonl.bz2")
 
 
@@ -202,7 +202,9 @@ def test_truncated_last_line_is_counted_when_read(tmp_path, peoples_daily_lines)
     rows, valid, where = _mixed_corpus(peoples_daily_lines)
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"".join(rows))
-    with pytest.raises(NotEnoughLines, match="has 6 valid lines"):  # 7 wanted: the whole file is read
+    # 7 wanted: the whole file is read, and the message says which lines were skipped and why
+    with pytest.raises(NotEnoughLines, match=r"has only 6 valid lines of 19 \(skipped 13: 2 invalid_json from line 3, "
+                                             r"2 empty_text from line 6, .*, 1 lone_surrogate from line 13\)"):
         make_subset(path, tmp_path / "train.jsonl", 5, tmp_path / "val.jsonl", 2)
     assert leftovers(tmp_path, path) == []
     # sampling reads the whole file in its counting pass; what it returns is the copying pass
@@ -293,7 +295,7 @@ def test_a_crashed_runs_partial_file_is_not_reused(tmp_path, peoples_daily_lines
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "make_subset.py"), *map(str, args)],
+    return subprocess.run([sys.executable, os.path.join(REPO, "make_subset.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -308,6 +310,18 @@ def test_cli_writes_subset_and_prints_summary(tmp_path, peoples_daily_lines):
     assert "lines read 56, valid 55" in r.stdout
     assert "skipped 1 invalid_json (first at line 21)" in r.stdout
     assert f"wrote {out} (45 lines) and {val} (10 lines)" in r.stdout
+
+
+def test_cli_asked_for_more_lines_than_the_corpus_has_says_what_it_skipped(tmp_path, peoples_daily_lines):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"".join(peoples_daily_lines[:20]) + b"not json\n" + b"".join(peoples_daily_lines[20:30]))
+    r = run_cli("--input", path, "--output", tmp_path / "o.jsonl", "--lines", 40, "--val-output", tmp_path / "v.jsonl",
+                "--val-lines", 5, cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        f"error: {path} has only 30 valid lines of 31 (skipped 1: 1 invalid_json from line 21); asked for 40 + 5 "
+        "(--lines + --val-lines): ask for fewer, or pass a larger corpus. Nothing was written")
+    assert leftovers(tmp_path, path) == []
 
 
 def test_cli_missing_input_is_a_one_line_error(tmp_path):

@@ -14,18 +14,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import ENDOFTEXT, IM_END, REPO, add_a_prefix_token, assert_rate_is_true, reshaped, write_jsonl
 from transformers import AutoTokenizer
 
-from helpers import add_a_prefix_token, reshaped
 from seqlm import token_cache
 from seqlm.corpus import CorruptInput
 from seqlm.fileio import partial_name
 from seqlm.token_cache import BlockDataset, TokenCache, build_token_cache
 from seqlm.tokenizer import offline_tokenizer_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
-IM_END = 151645     # <|im_end|>: the offline (chat) tokenizer's eos_token, which must not be used
 
 
 def expected_docs(tokenizer, texts, separator=ENDOFTEXT) -> list[list[int]]:
@@ -155,7 +151,7 @@ def test_blocks_are_consecutive_slices_of_the_stream(tmp_path, offline_qwen_toke
 def test_cache_is_reused_not_rebuilt(tmp_path, capsys, offline_qwen_tokenizer, peoples_daily_jsonl):
     root = tmp_path / "cache"
     folder = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
-    assert "tokenized" in capsys.readouterr().out
+    assert_rate_is_true(capsys.readouterr().out)
     before = stamp(folder)
     time.sleep(0.01)
     os.utime(peoples_daily_jsonl)  # a new modification time, same content: still the same cache
@@ -164,6 +160,13 @@ def test_cache_is_reused_not_rebuilt(tmp_path, capsys, offline_qwen_tokenizer, p
     assert stamp(folder) == before
     assert "tokenized" not in capsys.readouterr().out
     assert complete_folders(root) == [folder.name]
+
+
+def test_a_build_of_milliseconds_states_a_true_rate(tmp_path, capsys, offline_qwen_tokenizer):
+    build_token_cache(write_jsonl(tmp_path / "one.jsonl", ["你好。"]), offline_qwen_tokenizer, ENDOFTEXT, tmp_path)
+    out = capsys.readouterr().out
+    assert ": 1 documents, 3 tokens (tiktoken) in " in out
+    assert_rate_is_true(out)
 
 
 def test_changed_content_gives_a_new_cache(tmp_path, offline_qwen_tokenizer, peoples_daily_jsonl, peoples_daily_texts):
@@ -261,11 +264,10 @@ def test_no_valid_line_and_missing_source(tmp_path, offline_qwen_tokenizer):
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    sys.path.insert(0, sys.argv[1])
     from transformers import AutoTokenizer
     from seqlm.tokenizer import offline_tokenizer_dir
     from seqlm.token_cache import build_token_cache
-    source, root, ready, go = sys.argv[2:6]
+    source, root, ready, go = sys.argv[1:5]
     tok = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
     Path(ready).touch()
     while not Path(go).exists():
@@ -289,8 +291,8 @@ def test_concurrent_builders_build_once(tmp_path, capsys, peoples_daily_lines, p
     for i in range(2):
         ready = tmp_path / f"ready{i}"
         procs.append((ready, subprocess.Popen(
-            [sys.executable, str(script), ROOT, str(path), str(root), str(ready), str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
+            [sys.executable, str(script), str(path), str(root), str(ready), str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(env, PYTHONPATH=str(REPO)))))
     deadline = time.time() + 60
     while not all(ready.exists() for ready, _ in procs):
         assert time.time() < deadline and all(p.poll() is None for _, p in procs), "a worker did not start"

@@ -1,4 +1,4 @@
-"""Trainer callbacks that add what a pretraining run is judged by to every log line."""
+"""The throughput callback: tokens/s, MFU, data wait and peak memory in every training log line."""
 from __future__ import annotations
 
 import math
@@ -56,6 +56,8 @@ class ThroughputCallback(TrainerCallback):
             logs["peak_memory_gb"] = round(peak_memory_gb(), 2)
             self._restart_interval(state)
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        # Evaluation time is not training throughput: restart the interval after it.
-        self._restart_interval(state)
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the current interval: evaluation is not training throughput."""
+        if self._last is not None:
+            then, tokens, wait = self._last
+            self._last = (then + seconds, tokens, wait)

@@ -18,7 +18,7 @@ CAUSAL_LM_CLASSES = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(
                      for name in ((names,) if isinstance(names, str) else names)}
 
 
-class CheckpointError(ValueError):
+class ModelFolderError(ValueError):
     """A model path that cannot be loaded as a causal LM; the message is one line saying why."""
 
 
@@ -28,26 +28,26 @@ def is_local(path: str) -> bool:
     return p.exists() or p.is_absolute() or path.startswith(".") or Path(p.parts[0]).is_dir()
 
 
-def check_checkpoint(path: str) -> None:
-    """Raise CheckpointError unless `path` is a hub id or a folder holding a causal LM's config and weights."""
+def check_model_folder(path: str) -> None:
+    """Raise ModelFolderError unless `path` is a hub id or a folder holding a causal LM's config and weights."""
     if not is_local(path):
         return  # a hub id: from_pretrained will say what is wrong with it
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"no model folder {path}")
+        raise ModelFolderError(f"no model folder {path}")
     if not (folder / "config.json").is_file():
         deepspeed = folder.name.startswith("global_step")
         hint = " (a DeepSpeed global_step folder? use its checkpoint-N parent)" if deepspeed else ""
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder{hint}")
+        raise ModelFolderError(f"{path} has no config.json: not a Hugging Face model folder{hint}")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}/config.json is not valid JSON ({e})") from None
+        raise ModelFolderError(f"{path}/config.json is not valid JSON ({e})") from None
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
     # A model type can have a causal LM class and still be saved as another head (BertForMaskedLM).
     causal_head = not architectures or set(architectures) & CAUSAL_LM_CLASSES
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not causal_head:
         kind = ", ".join(architectures) or model_type or "an unknown model type"
-        raise CheckpointError(f"{path} holds {kind}, not a causal language model")
+        raise ModelFolderError(f"{path} holds {kind}, not a causal language model")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path} has a config.json but no weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME})")
+        raise ModelFolderError(f"{path} has a config.json but no weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME})")

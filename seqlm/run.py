@@ -11,9 +11,9 @@ from typing import NoReturn
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+from .checkpoints import latest_complete_checkpoint
 from .preflight import save_run_settings
 from .report import write_report
-from .resume import latest_complete_checkpoint
 from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
 

@@ -20,26 +20,26 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from .fileio import atomic_output
+from .outputs import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
-MARKER = "complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MARKER}
+            if p.is_file() and p.name != COMPLETE_MARKER}
 
 
 def mark_complete(folder: Path) -> None:
-    with atomic_output(folder / MARKER) as tmp:
+    with atomic_output(folder / COMPLETE_MARKER) as tmp:
         tmp.write_text(json.dumps({"files": _files(folder)}, indent=1))
 
 
 def incomplete_reason(folder: Path) -> str | None:
     """None for a complete checkpoint, else why it is not."""
     try:
-        listed = json.loads((folder / MARKER).read_text())["files"]
+        listed = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
     except FileNotFoundError:
         return "it was never finished (no complete.json)"
     except (ValueError, KeyError):
