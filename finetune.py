@@ -70,14 +70,14 @@ def main() -> None:
         settings = sft_run_settings(model_path, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
-                   training_args.output_dir)
+                   training_args.output_dir, training_args.save_total_limit)
         # Batches are padded to their longest: at worst --max_length.
         resolve_activation_checkpointing(config, data_args.max_length, training_args)
         check_gpu_memory(config, data_args.max_length, training_args)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 
-    resume_from = checkpoint_to_resume(training_args)
+    resume_from, finished = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
     try:
@@ -93,7 +93,8 @@ def main() -> None:
         if data_args.max_eval_samples is not None:
             eval_dataset = Subset(eval_dataset, range(min(data_args.max_eval_samples, len(eval_dataset))))
 
-    model = build_model(config, model_path, model_args.attn_implementation)
+    # A finished run is not trained again: its final weights are those of its last checkpoint.
+    model = build_model(config, resume_from if finished else model_path, model_args.attn_implementation)
     set_chat_eos(model, tokenizer)
     record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
 
@@ -102,7 +103,7 @@ def main() -> None:
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
     trainer.add_callback(samples)
     trainer.add_callback(RunRecordCallback(FINE_TUNING, (model_args, data_args, sample_args)))
-    train_and_evaluate(trainer, training_args, evaluating, resume_from)
+    train_and_evaluate(trainer, training_args, evaluating, resume_from, finished)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,39 @@
 # the nodes of a hostfile, or on CPU ranks: `bash launch.sh SCRIPT.py ARGS...`. pretrain.sh and finetune.sh call it.
 #   NUM_GPUS     ranks on this machine (default: all GPUs, or 1 CPU rank)
 #   HOSTFILE     DeepSpeed hostfile for several nodes ("node1 slots=8" lines)
-#   MASTER_PORT  rendezvous port (default 29500)
+#   MASTER_PORT  rendezvous port (default: a free one on a single node; 29500 with a hostfile)
 set -euo pipefail
 cd "$(dirname "$0")"
-MASTER_PORT=${MASTER_PORT:-29500}
+
+# A token among the arguments would be printed by the launcher and visible in `ps` for the whole run, here and on
+# every node: huggingface_hub reads it from the environment instead, and this script starts again without it.
+ARGS=()
+for ((i = 1; i <= $#; i++)); do
+    case ${!i} in
+        --hub_token) ((i++)); export HF_TOKEN=${!i} ;;
+        --hub_token=*) export HF_TOKEN=${!i#*=} ;;
+        *) ARGS+=("${!i}") ;;
+    esac
+done
+if (( ${#ARGS[@]} < $# )); then
+    exec bash "$PWD/$(basename "$0")" "${ARGS[@]}"
+fi
+
+if [[ -n ${HOSTFILE:-} ]]; then
+    MASTER_PORT=${MASTER_PORT:-29500}  # every node must agree on it
+elif [[ -z ${MASTER_PORT:-} ]]; then
+    # One node: any free port, so that two jobs on one machine never collide on a default.
+    MASTER_PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+elif ! python -c 'import socket as s, sys; t = s.socket(); t.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1)
+t.bind(("", int(sys.argv[1]))); t.listen()' "$MASTER_PORT" 2>/dev/null; then
+    echo "error: MASTER_PORT=$MASTER_PORT is in use (another job?): set another MASTER_PORT, or leave it unset to take a free one" >&2
+    exit 2
+fi
+
+# DeepSpeed compiles its ops on first use into TORCH_EXTENSIONS_DIR (default: one folder in ~/.cache for every
+# Python environment, so two environments rebuild each other's ops, and wait on each other's build lock): keep them
+# with the environment that built them.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
@@ -21,8 +50,10 @@ else
     export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
     DEVICE_ARGS=(--use_cpu true)
     # DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank and port in /dev/shm, which is RAM:
-    # dozens of runs filled 11 GB of a 24 GB machine. Remove this run's when it ends, however it ends.
-    trap '{ set +x; } 2>/dev/null; rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*' EXIT
+    # dozens of runs filled 11 GB of a 24 GB machine. When this run ends, however it ends, remove the buffers of its
+    # port that no running process still maps (another job's stay).
+    trap '{ set +x; } 2>/dev/null; for f in /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*; do
+              [[ -e $f ]] && ! grep -qsF "$f" /proc/[0-9]*/maps && rm -f "$f"; done; true' EXIT
 fi
 
 if [[ -n ${HOSTFILE:-} ]]; then
@@ -31,16 +62,5 @@ else
     LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 fi
 
-# A token among the arguments would be printed by the launcher and visible in `ps` on every node: huggingface_hub
-# reads it from the environment instead.
-SCRIPT_ARGS=()
-for ((i = 2; i <= $#; i++)); do
-    case ${!i} in
-        --hub_token) ((i++)); export HF_TOKEN=${!i} ;;
-        --hub_token=*) export HF_TOKEN=${!i#*=} ;;
-        *) SCRIPT_ARGS+=("${!i}") ;;
-    esac
-done
-
 set -x
-"${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${SCRIPT_ARGS[@]}"  # device flags first: the caller's flags win
+"${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${@:2}"  # device flags first: the caller's flags win

@@ -26,11 +26,14 @@ from seqlm.trainer import SafeTrainer
 log = logging.getLogger("pretrain")
 
 
-def blocks(files: list[str], tokenizer, separator_id: int, data_args: DataTrainingArguments, training_args):
+def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data_args: DataTrainingArguments,
+           training_args):
     """Tokenize each file once (the first process per machine builds, the others wait), then cut blocks."""
     with training_args.main_process_first(desc="tokenizing"):
         folders = [build_token_cache(f, tokenizer, separator_id, data_args.token_cache_dir) for f in files]
     datasets = [BlockDataset(folder, data_args.block_size) for folder in folders]
+    for d in datasets:
+        d.cache.check_ids(vocab_size)
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
@@ -53,27 +56,37 @@ def main() -> None:
         settings = run_settings(config, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
-                   training_args.output_dir)
+                   training_args.output_dir, training_args.save_total_limit)
         resolve_activation_checkpointing(config, data_args.block_size, training_args)
         check_gpu_memory(config, data_args.block_size, training_args)
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 
-    resume_from = checkpoint_to_resume(training_args)
+    resume_from, finished = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
-    train_dataset = blocks(data_args.train_files, tokenizer, separator_id, data_args, training_args)
+    try:
+        train_dataset = blocks(data_args.train_files, tokenizer, separator_id, config.vocab_size, data_args,
+                               training_args)
+    except ValueError as e:  # a damaged cache, or a corpus with no valid line
+        fail(str(e).splitlines()[0])
     log.info("training on %s blocks of %d tokens (%s tokens)", f"{len(train_dataset):,}", data_args.block_size,
              f"{len(train_dataset) * data_args.block_size:,}")
     eval_dataset = held_out = None
     if evaluating:
-        eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, data_args, training_args)
+        try:
+            eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, config.vocab_size, data_args,
+                                  training_args)
+        except ValueError as e:
+            fail(str(e).splitlines()[0])
         if data_args.max_eval_samples is not None:
             eval_dataset = Subset(eval_dataset, range(min(data_args.max_eval_samples, len(eval_dataset))))
         held_out = EvaluatedText.of(eval_dataset, tokenizer, separator_id)
         log.info("evaluating on %s", held_out.describe())
 
-    model = build_model(config, model_args.model_name_or_path, model_args.attn_implementation)
+    # A finished run is not trained again: its final weights are those of its last checkpoint.
+    model = build_model(config, resume_from if finished else model_args.model_name_or_path,
+                        model_args.attn_implementation)
     record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
 
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -85,7 +98,7 @@ def main() -> None:
     trainer.add_callback(RunRecordCallback(PRETRAINING, (model_args, data_args, sample_args),
                                            held_out.describe() if held_out else None))
 
-    train_and_evaluate(trainer, training_args, evaluating, resume_from)
+    train_and_evaluate(trainer, training_args, evaluating, resume_from, finished)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,13 @@ class PretrainingArguments(TrainingArguments):
         default="swanlab", metadata={"help": "Loggers: swanlab (mode from SWANLAB_MODE), tensorboard, none, ..."})
     seed: int = field(default=42, metadata={"help": "Seed of the weights' initialisation and the data order."})
     do_train: bool = field(default=True, metadata={"help": "Train (pass --do_train false to only evaluate)."})
+    nan_policy: str = field(
+        default="stop", metadata={"help": "At a non-finite loss: stop (before anything is saved), or skip the batch "
+                                          "(its gradients are 0; counted in the logs as nan_batches_skipped).",
+                                  "choices": ["stop", "skip"]})
+    max_nan_skips: int = field(
+        default=10, metadata={"help": "With --nan_policy skip: stop after more than this many non-finite losses in "
+                                      "a row."})
     peak_tflops: float | None = field(
         default=None, metadata={"help": "Dense bf16 peak of one device in TFLOP/s, for the logged MFU (default: known "
                                         "for H100/H200/H800/A100/A800/L40/L40S/RTX 4090/5090 and others)."})

@@ -1,6 +1,8 @@
 """What the token cache (pretraining documents) and the SFT cache (conversations) share: a folder per corpus, keyed by
 the corpus content, the tokenizer and the settings; built once, by one process while the others wait; renamed into
-place whole, and complete only once its manifest.json, written last, is there.
+place whole, and complete only once its manifest.json, written last, is there. The manifest lists every file with
+its size and digest, and every reuse checks them first (about 1 s per GB of tokens): a damaged cache stops the run
+in one line, before anything is built on it.
 
 Any change of source, tokenizer or settings gives a new folder; every later run, on every rank, reuses a finished
 one."""
@@ -10,6 +12,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,15 +21,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .fileio import atomic_output, file_lock
+from .fileio import atomic_output, file_digest, file_lock
 
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.uint32  # the Qwen vocabulary has more than 65,535 entries
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -37,6 +35,26 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def read_manifest(folder: str | os.PathLike) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+class DamagedCache(ValueError):
+    """A finished cache folder whose files are no longer as they were written; the message is one line."""
+
+
+def check_cache(folder: Path) -> None:
+    """Raise DamagedCache unless every file the manifest lists has its size and digest."""
+    listed = read_manifest(folder).get("files")
+    if not listed:
+        raise DamagedCache(f"the cache {folder} lists no file digests (built by an older version): delete that folder "
+                           "and rerun to rebuild it")
+    for name, entry in listed.items():
+        path = folder / name
+        problem = ("is missing" if not path.is_file() else
+                   f"is {path.stat().st_size:,} bytes, not {entry['bytes']:,}" if path.stat().st_size != entry["bytes"]
+                   else "has changed since it was written" if file_digest(path) != entry["xxh3_128"] else None)
+        if problem:
+            raise DamagedCache(f"the cache {folder} is damaged: {name} {problem}. Delete that folder and rerun to "
+                               "rebuild it")
 
 
 def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokenizer: PreTrainedTokenizerBase,
@@ -55,10 +73,16 @@ def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokeniz
     key_parts = json.dumps([version, source_digest, tok_digest, *settings, np.dtype(TOKEN_DTYPE).str])
     folder = cache_root / f"{source.name}-{kind}{hashlib.blake2b(key_parts.encode(), digest_size=8).hexdigest()}"
     if (folder / MANIFEST).is_file():
+        check_cache(folder)
         return folder
     with file_lock(cache_root / f".{folder.name}.lock"):
         if (folder / MANIFEST).is_file():  # another process built it while we waited
+            check_cache(folder)
             return folder
+        # Whoever holds the lock builds: a partial folder of this cache is what a killed build left.
+        for stale in cache_root.glob(f".{folder.name}.*.partial"):
+            print(f"removing {stale}, left by a tokenization that was stopped")
+            shutil.rmtree(stale, ignore_errors=True)
         manifest = dict(format=version, source=str(source.resolve()), source_digest=source_digest,
                         source_bytes=source.stat().st_size, tokenizer=tokenizer.name_or_path,
                         tokenizer_digest=tok_digest, token_dtype=np.dtype(TOKEN_DTYPE).name)
@@ -68,6 +92,8 @@ def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokeniz
             made, notes = build(source, tmp, manifest)
             seconds = time.perf_counter() - start
             manifest["seconds"] = round(seconds, 3)
+            manifest["files"] = {p.name: {"bytes": p.stat().st_size, "xxh3_128": file_digest(p)}
+                                 for p in sorted(tmp.iterdir())}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         print(f"tokenized {source}: {made} in {seconds:.3g} s ({manifest['num_tokens'] / seconds:,.0f} tokens/s)",
               *notes, sep="\n")

@@ -1,10 +1,13 @@
-"""Crash-safe checkpoints: a `checkpoint-N` folder counts only once every rank has written all of it.
+"""Crash-safe checkpoints: a `checkpoint-N` folder counts only once every rank has written all of it, and is loaded
+only while every byte is as it was written.
 
 The Trainer writes checkpoint folders in place and, left alone, resumes from the newest folder even when a crash cut
 it short, and rotates old checkpoints away before the new one is known to be whole. Here:
-- after every save, all ranks meet, and the first writes `checkpoint-N/complete.json` listing every file and its size;
-- resuming takes the newest checkpoint whose list still matches the disk; incomplete ones are reported, never
-  loaded and never deleted;
+- after every save, all ranks meet, and the first writes `checkpoint-N/complete.json` listing every file with its size
+  and an xxh3-128 digest of its content; it hashes in a thread while training goes on (about 1 s per GB here), so
+  the marker comes a few seconds after the save;
+- resuming takes the newest checkpoint whose files still have those sizes and digests; an unfinished or damaged one
+  is reported in one line naming the file, never loaded and never deleted;
 - `save_total_limit` is applied here, after the marker, to complete checkpoints only.
 """
 from __future__ import annotations
@@ -14,12 +17,14 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from .fileio import atomic_output
+from .fileio import atomic_output, file_digest
 from .outputs import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
@@ -32,23 +37,48 @@ def _files(folder: Path) -> dict[str, int]:
 
 
 def mark_complete(folder: Path) -> None:
+    files = {name: {"bytes": size, "xxh3_128": file_digest(folder / name)} for name, size in _files(folder).items()}
     with atomic_output(folder / COMPLETE_MARKER) as tmp:
-        tmp.write_text(json.dumps({"files": _files(folder)}, indent=1))
+        tmp.write_text(json.dumps({"files": files}, indent=1))
 
 
-def incomplete_reason(folder: Path) -> str | None:
-    """None for a complete checkpoint, else why it is not."""
+def incomplete_reason(folder: Path, check_content: bool = True) -> str | None:
+    """None for a complete checkpoint, else why it is not. Without check_content, only the sizes are compared (a
+    cheap check, for rotation)."""
     try:
         listed = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+        sizes = {name: entry["bytes"] for name, entry in listed.items()}
     except FileNotFoundError:
         return "it was never finished (no complete.json)"
-    except (ValueError, KeyError):
-        return "its complete.json is unreadable"
+    except (ValueError, KeyError, TypeError):
+        return "its complete.json is unreadable, or from an older version (file sizes only)"
     on_disk = _files(folder)
-    for name, size in listed.items():
+    for name, size in sizes.items():
         if on_disk.get(name) != size:
             return f"{name} is {'missing' if name not in on_disk else f'{on_disk[name]} bytes, not {size}'}"
+    if check_content:
+        start, total = time.perf_counter(), sum(sizes.values())
+        for name, entry in listed.items():
+            if file_digest(folder / name) != entry["xxh3_128"]:
+                return f"{name} has changed since it was saved (its digest differs): it is damaged"
+        log.info("checked %s: %d files, %.2f GB, as saved (%.1f s)", folder, len(listed), total / 1e9,
+                 time.perf_counter() - start)
     return None
+
+
+# What a checkpoint holds only to resume training (DeepSpeed's shards, schedule and random state, its tools); the
+# rest is the Hugging Face model folder the Trainer saves, and the trainer state.
+RESUME_ONLY = re.compile(r"^(global_step\d+|latest|rng_state.*\.pth|scheduler\.pt|optimizer\.pt|zero_to_\w+\.py|"
+                         + re.escape(COMPLETE_MARKER) + ")$")
+
+
+def export_model(checkpoint: Path, output_dir: Path) -> None:
+    """Copy a checkpoint's model folder (weights, config, tokenizer, trainer state) into the output dir: what
+    save_model and save_state would have written at that step."""
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file() and not RESUME_ONLY.match(path.name):
+            with atomic_output(output_dir / path.name) as tmp:
+                shutil.copyfile(path, tmp)
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -58,29 +88,51 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+def latest_complete_checkpoint(output_dir: str | os.PathLike, quiet: bool = False) -> Path | None:
+    """The newest complete checkpoint-N; each newer one that is not is reported (unless quiet) and left alone.
+    Quiet, only the sizes are compared: for a message, not for loading."""
     for folder in reversed(checkpoints(output_dir)):
-        reason = incomplete_reason(folder)
+        reason = incomplete_reason(folder, check_content=not quiet)
         if reason is None:
             return folder
-        log.warning("skipping %s: %s; it is left on disk for you to inspect or delete", folder, reason)
+        if not quiet:
+            log.warning("skipping %s: %s; it is left on disk for you to inspect or delete", folder, reason)
     return None
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once all ranks saved it, then keeps at most `keep` complete ones."""
+    """Marks each checkpoint complete once all ranks saved it, then keeps at most `keep` complete ones. The marking
+    runs in a thread, so that training goes on while the checkpoint is hashed; the next save, and the end of
+    training, wait for it."""
 
     def __init__(self, keep: int | None):
         self.keep = keep
+        self._marking: threading.Thread | None = None
 
     def on_save(self, args, state, control, **kwargs):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its optimizer shard and RNG state
         if not state.is_world_process_zero:
             return
-        mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        self.wait()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # Not a daemon: a run that ends normally still finishes the marker; a killed one leaves no marker, and the
+        # checkpoint counts as unfinished.
+        self._marking = threading.Thread(target=self._mark_and_rotate, args=(folder,), name="mark-checkpoint")
+        self._marking.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait()
+
+    def wait(self) -> None:
+        if self._marking is not None:
+            self._marking.join()
+            self._marking = None
+
+    def _mark_and_rotate(self, folder: Path) -> None:
+        mark_complete(folder)
         if self.keep:
-            complete = [c for c in checkpoints(args.output_dir) if incomplete_reason(c) is None]
+            complete = [c for c in checkpoints(folder.parent) if incomplete_reason(c, check_content=False) is None]
             for old in complete[:-self.keep]:
                 shutil.rmtree(old)
 

@@ -1,4 +1,5 @@
-"""Crash-safe file output: a result appears under its final name only once it is complete."""
+"""Crash-safe file output: a result appears under its final name only once it is complete; and file digests, to
+know later that it still is."""
 from __future__ import annotations
 
 import fcntl
@@ -7,6 +8,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import xxhash
 
 
 def partial_name(path: Path) -> Path:
@@ -51,3 +54,13 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file's content: not cryptographic (checkpoints and caches are trusted anyway), but it catches any
+    changed bit at several GB/s, ten times blake2b's speed (about 1 s per GB on a busy 2-core machine)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()

@@ -29,6 +29,7 @@ PLOTS_DIR = "plots"
 COMPLETE_MARKER = "complete.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RESULTS_FILE = "all_results.json"
+EVAL_RESULTS_FILE = "eval_results.json"
 
 # run_info.json "kind": what the run trained
 PRETRAINING, FINE_TUNING = "pretraining", "fine-tuning"

@@ -90,10 +90,16 @@ def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:
                          f"{folder}: free some space or choose another location")
 
 
-def check_disk(config: PretrainedConfig, corpora: list[str], token_cache_dir: str, output_dir: str) -> None:
-    """Room to tokenize the corpora not cached yet (a cache is about the size of its JSON Lines source) and to write
-    the next checkpoint."""
+def check_disk(config: PretrainedConfig, corpora: list[str], token_cache_dir: str, output_dir: str,
+               save_total_limit: int | None) -> None:
+    """Room to tokenize the corpora not cached yet (a cache is about the size of its JSON Lines source) and for the
+    checkpoints still to come: --save_total_limit of them are kept, and the next one is written before the oldest
+    goes (so limit + 1 at the peak, fewer those already there); without a limit, at least the next one."""
     uncached = [Path(f) for f in corpora
                 if Path(f).is_file() and not any(Path(token_cache_dir).glob(f"{Path(f).name}-*/manifest.json"))]
     check_disk_space(token_cache_dir, sum(f.stat().st_size for f in uncached), "the token cache")
-    check_disk_space(output_dir, CHECKPOINT_BYTES_PER_PARAMETER * parameter_count(config), "the next checkpoint")
+    peak = save_total_limit + 1 if save_total_limit else 1
+    coming = max(1, peak - len(checkpoints(output_dir)))
+    what = f"{'the next checkpoint' if coming == 1 else f'{coming} more checkpoints'} (--save_total_limit " \
+           f"{save_total_limit}: {peak} at the peak)" if save_total_limit else "the next checkpoint"
+    check_disk_space(output_dir, coming * CHECKPOINT_BYTES_PER_PARAMETER * parameter_count(config), what)

@@ -3,21 +3,30 @@ up logging, stop on bad input with one line, find the checkpoint to resume from,
 report."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sys
-from typing import NoReturn
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NoReturn
 
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
-from .checkpoints import latest_complete_checkpoint
+from . import outputs
+from .checkpoints import export_model, latest_complete_checkpoint
 from .preflight import save_run_settings
 from .report import write_report
 from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
 
 log = logging.getLogger(__name__)
+LOW_DISK = 1e9  # bytes: below this, a failed write is taken for a full disk
+# What gloo and NCCL say when a peer process is gone
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Socket Timeout")
 
 
 def fail(message: str) -> NoReturn:
@@ -54,14 +63,27 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint when given, else the newest complete checkpoint-N in --output_dir: a rerun continues."""
+def checkpoint_to_resume(training_args: TrainingArguments) -> tuple[str | None, bool]:
+    """(checkpoint, finished): --resume_from_checkpoint when given, else the newest complete checkpoint-N in
+    --output_dir, so that a rerun continues; finished when training had already reached its last step there, so that
+    a rerun of a finished run trains no further."""
     if training_args.resume_from_checkpoint is not None or not training_args.do_train:
-        return training_args.resume_from_checkpoint
+        return training_args.resume_from_checkpoint, False
     last = latest_complete_checkpoint(training_args.output_dir)
-    if last:
+    if last is None:
+        return None, False
+    state = outputs.read_json(last / outputs.TRAINER_STATE_FILE)
+    step = state["global_step"]
+    if training_args.max_steps > 0:
+        finished = step >= training_args.max_steps
+    else:  # the same data (run_settings.json), so the same number of steps an epoch
+        finished = step >= state["max_steps"] and training_args.num_train_epochs <= state["num_train_epochs"]
+    if finished:
+        log.info("training finished at step %d (%s): nothing is trained again; only what is missing of the final "
+                 "model, evaluation and report is completed", step, last)
+    else:
         log.info("resuming from %s", last)
-    return str(last) if last else None
+    return str(last), finished
 
 
 def record_run(training_args: TrainingArguments, settings: dict, swanlab_run_mode: str | None, config: dict) -> None:
@@ -73,14 +95,50 @@ def record_run(training_args: TrainingArguments, settings: dict, swanlab_run_mod
         start_swanlab(training_args.output_dir, training_args.run_name, config=config, mode=swanlab_run_mode)
 
 
+@contextmanager
+def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
+    """Failures an operator meets on a long run end in one line that says what happened and what to do: a non-finite
+    loss, a full disk, another rank that died. A rerun of the same command resumes from the newest complete
+    checkpoint; an unfinished one is skipped."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        fail(str(e))
+    except (OSError, RuntimeError) as e:
+        last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
+        resume = f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
+        free = shutil.disk_usage(training_args.output_dir).free
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or (
+                "write failed" in str(e) and free < LOW_DISK):
+            fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free): free some space or "
+                 f"point --output_dir elsewhere; {resume}")
+        if any(sign in str(e) for sign in PEER_GONE):
+            fail(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another rank, "
+                 f"which stopped (its own lines above say why): {resume}")
+        raise
+
+
 def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,
-                       resume_from: str | None) -> None:
-    if training_args.do_train:
-        try:
+                       resume_from: str | None, finished: bool) -> None:
+    """Train (or, for a finished run, take the final model from its last checkpoint), save, evaluate, report."""
+    output_dir = Path(training_args.output_dir)
+    if finished:
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / outputs.TRAINER_STATE_FILE))
+        final = outputs.read_json(output_dir / outputs.TRAINER_STATE_FILE)
+        if final is None or final["global_step"] != trainer.state.global_step:
+            if training_args.process_index == 0:
+                export_model(Path(resume_from), output_dir)
+            log.info("final model of step %d: %s", trainer.state.global_step, output_dir)
+        if evaluating and outputs.read_json(output_dir / outputs.EVAL_RESULTS_FILE) is None:
+            # The Trainer evaluates through DeepSpeed only after training (ZeRO-2 has no inference mode).
+            log.warning("the closing evaluation of step %d is missing (the evaluations during training are in %s); "
+                        "`python evaluate.py --model_path %s` scores a pretrained model", trainer.state.global_step,
+                        outputs.TRAINER_STATE_FILE, output_dir)
+        evaluating = False
+    elif training_args.do_train:
+        with one_line_on_failure(training_args):
             result = trainer.train(resume_from_checkpoint=resume_from)
-        except NonFiniteLoss as e:
-            fail(str(e))
-        trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
+            trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()

@@ -31,7 +31,7 @@ from .cache import TOKEN_DTYPE, build_once, prefetch
 from .conversation import IM_END, IM_START, Conversation, chat_template, parse_conversation
 from .corpus import LineStats, open_corpus, read_lines
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: xxh3 digests of the source and of every file in the manifest
 BATCH_CONVERSATIONS = 512  # per encoder call, as in token_cache
 IGNORE_INDEX = -100
 

@@ -21,7 +21,7 @@ from .cache import TOKEN_DTYPE, build_once, prefetch, read_manifest
 from .corpus import LineStats, open_corpus, read_lines
 from .encoder import Encoder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: xxh3 digests of the source and of every file in the manifest
 BATCH_DOCS = 512  # documents per encoder call: enough to keep every core busy, little memory
 
 
@@ -82,6 +82,12 @@ class TokenCache:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.doc_offsets = np.load(self.folder / "doc_offsets.npy", mmap_mode="r")
+
+    def check_ids(self, vocab_size: int) -> None:
+        """ValueError, in one line, if the cache holds ids the model has no embedding for."""
+        if self.manifest["max_token_id"] >= vocab_size:
+            raise ValueError(f"the cache {self.folder} holds token id {self.manifest['max_token_id']:,}, past the "
+                             f"model's vocabulary of {vocab_size:,}: delete that folder, and check --tokenizer_name")
 
     @property
     def num_tokens(self) -> int:

@@ -2,6 +2,7 @@
 at the first non-finite loss instead of hours of training on garbage."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator
 
@@ -16,11 +17,18 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+log = logging.getLogger(__name__)
+# A non-finite loss this soon after a resume points at the checkpoint it resumed from rather than at the data.
+SUSPECT_STEPS = 20
+
+
 class SafeTrainer(Trainer):
     def __init__(self, *args, seq_len: int | None = None, **kwargs):
         """seq_len: tokens per training sequence, for the MFU estimate."""
         super().__init__(*args, **kwargs)
         make_checkpoints_crash_safe(self)
+        self.resumed_from: tuple[str, int] | None = None  # the checkpoint and its step
+        self.nan_skips = self.nan_skips_in_a_row = 0
         self.throughput = ThroughputCallback(seq_len, getattr(self.args, "peak_tflops", None))
         self.add_callback(self.throughput)
 
@@ -35,6 +43,8 @@ class SafeTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "add_to"):
                 callback.add_to(logs, self.state, self.args)
+        if self.nan_skips and "loss" in logs:
+            logs["nan_batches_skipped"] = self.nan_skips
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -51,6 +61,12 @@ class SafeTrainer(Trainer):
         finally:
             model.config.use_cache = use_cache
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if resume_from_checkpoint:
+            step = int(str(resume_from_checkpoint).rstrip("/").rsplit("-", 1)[-1])
+            self.resumed_from = (str(resume_from_checkpoint), step)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         start = time.perf_counter()
         try:
@@ -58,14 +74,43 @@ class SafeTrainer(Trainer):
         finally:
             self.throughput.exclude(time.perf_counter() - start)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if getattr(self.args, "nan_policy", "stop") != "skip":
+            return result
+        loss = result[0] if return_outputs else result
+        if torch.isfinite(loss):
+            self.nan_skips_in_a_row = 0
+            return result
+        # Skip this batch: a loss of exactly zero that still reaches every trainable weight, so that backward and
+        # ZeRO's gradient reduction run as usual, with gradients of 0 from this batch.
+        self.nan_skips_in_a_row += 1
+        self.nan_skips += 1
+        step = self.state.global_step + 1
+        if self.nan_skips_in_a_row > self.args.max_nan_skips:
+            raise NonFiniteLoss(f"{self.nan_skips_in_a_row} non-finite losses in a row at step {step} "
+                                f"(--max_nan_skips {self.args.max_nan_skips}): stopping; the weights themselves are "
+                                "probably no longer finite. Lower --learning_rate, or check the data")
+        log.warning("the loss is %s at step %d: this batch is skipped (%d so far; --nan_policy skip)", loss.item(),
+                    step, self.nan_skips)
+        zero = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+        return (zero, result[1]) if return_outputs else zero
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The Trainer would average a NaN away (logging_nan_inf_filter) and train on; the weights are already
         # poisoned by then. Stop, before anything is saved: the last complete checkpoint stays the newest.
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss is {loss.item()} at step {self.state.global_step + 1}: stopping. The last "
-                                f"complete checkpoint in {self.args.output_dir} is intact; lower --learning_rate or "
-                                "check the data, then rerun to resume from it")
+            step = self.state.global_step + 1
+            if self.resumed_from and step - self.resumed_from[1] <= SUSPECT_STEPS:
+                checkpoint = self.resumed_from[0]
+                raise NonFiniteLoss(f"the loss is {loss.item()} at step {step}, {step - self.resumed_from[1]} steps "
+                                    f"after resuming from {checkpoint}: stopping. That checkpoint is the suspect "
+                                    f"(its files match their digests, so it was saved so): move it away, and a rerun "
+                                    "resumes from the one before")
+            raise NonFiniteLoss(f"the loss is {loss.item()} at step {step}: stopping, before anything is saved. The "
+                                f"newest complete checkpoint in {self.args.output_dir} stays the newest; lower "
+                                "--learning_rate or check the data, then rerun to resume from it")
         return loss
 
 

@@ -18,6 +18,7 @@ from helpers import ENDOFTEXT, IM_END, REPO, add_a_prefix_token, assert_rate_is_
 from transformers import AutoTokenizer
 
 from seqlm import token_cache
+from seqlm.cache import DamagedCache
 from seqlm.corpus import CorruptInput
 from seqlm.fileio import partial_name
 from seqlm.token_cache import BlockDataset, TokenCache, build_token_cache
@@ -162,6 +163,37 @@ def test_cache_is_reused_not_rebuilt(tmp_path, capsys, offline_qwen_tokenizer, p
     assert complete_folders(root) == [folder.name]
 
 
+@pytest.mark.parametrize("damage", ["changed bytes", "truncated", "missing"])
+def test_a_damaged_cache_is_refused_in_one_line_naming_the_folder(tmp_path, offline_qwen_tokenizer,
+                                                                   peoples_daily_jsonl, damage):
+    folder = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, tmp_path)
+    tokens = folder / "tokens.bin"
+    size = tokens.stat().st_size
+    if damage == "changed bytes":
+        with open(tokens, "r+b") as f:
+            f.seek(size // 2)
+            f.write(b"\xff\xff\xff\x7f")  # one id far past the vocabulary, the size unchanged
+    elif damage == "truncated":
+        with open(tokens, "r+b") as f:
+            f.truncate(size - 4)
+    else:
+        tokens.unlink()
+    problem = {"changed bytes": "has changed since it was written", "truncated": f"is {size - 4:,} bytes, not {size:,}",
+               "missing": "is missing"}[damage]
+    with pytest.raises(DamagedCache) as error:
+        build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, tmp_path)
+    assert str(error.value) == (f"the cache {folder} is damaged: tokens.bin {problem}. Delete that folder and rerun to "
+                                "rebuild it")
+
+
+def test_ids_past_the_vocabulary_are_refused(tmp_path, offline_qwen_tokenizer, peoples_daily_jsonl):
+    cache = TokenCache(build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, tmp_path))
+    cache.check_ids(151936)
+    with pytest.raises(ValueError, match=f"holds token id {cache.manifest['max_token_id']:,}, past the model's "
+                                         "vocabulary of 1,000: delete that folder"):
+        cache.check_ids(1000)
+
+
 def test_a_build_of_milliseconds_states_a_true_rate(tmp_path, capsys, offline_qwen_tokenizer):
     build_token_cache(write_jsonl(tmp_path / "one.jsonl", ["你好。"]), offline_qwen_tokenizer, ENDOFTEXT, tmp_path)
     out = capsys.readouterr().out
@@ -244,10 +276,12 @@ def test_leftovers_of_a_crashed_build_are_not_reused(tmp_path, offline_qwen_toke
     stale = partial_name(folder)
     stale.mkdir()
     (stale / "tokens.bin").write_bytes(b"\0" * 64)
+    orphan = folder.with_name(f".{folder.name}.999999999.partial")  # of another process, killed: nobody removed it
+    shutil.copytree(stale, orphan)
     again = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
     assert again == folder
     assert [d.tolist() for d in TokenCache(folder).documents()] == reference
-    assert not stale.exists()
+    assert not stale.exists() and not orphan.exists()
 
 
 def test_no_valid_line_and_missing_source(tmp_path, offline_qwen_tokenizer):
@@ -266,7 +300,8 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from transformers import AutoTokenizer
     from seqlm.tokenizer import offline_tokenizer_dir
-    from seqlm.token_cache import build_token_cache
+    from seqlm.cache import DamagedCache
+from seqlm.token_cache import build_token_cache
     source, root, ready, go = sys.argv[1:5]
     tok = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
     Path(ready).touch()
