@@ -1,5 +1,6 @@
-"""The HF Trainer with what a long run on rented GPUs needs: checkpoints that count only when complete, and a stop
-at the first non-finite loss instead of hours of training on garbage."""
+"""The HF Trainer with what a long run on rented GPUs needs: checkpoints that count only when complete and unchanged,
+a stop at the first non-finite loss instead of hours of training on garbage (or, asked for, a skipped batch), saved
+models as stock save_pretrained saves them, and throughput in every log line."""
 from __future__ import annotations
 
 import logging
@@ -12,14 +13,13 @@ from transformers import Trainer
 from .checkpoints import make_checkpoints_crash_safe
 from .throughput import ThroughputCallback
 
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
 log = logging.getLogger(__name__)
 # A non-finite loss this soon after a resume points at the checkpoint it resumed from rather than at the data.
 SUSPECT_STEPS = 20
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
 
 
 class SafeTrainer(Trainer):

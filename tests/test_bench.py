@@ -7,8 +7,9 @@ from helpers import REPO, free_port
 
 
 def bench(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
-                            timeout=900)
+    """`python -m bench.NAME ARGS`, from the repository, as the README runs them."""
+    result = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *args], capture_output=True,
+                            text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,9 +133,10 @@ def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tm
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     checkpoint = out / "checkpoint-16"
-    states = checkpoint / "global_step16" / "mp_rank_00_model_states.pt"
+    # ZeRO-2 resumes the weights from the fp32 master copy in the optimizer shard
+    [states] = (checkpoint / "global_step16").glob("*optim_states.pt")
     saved = torch.load(states, weights_only=False)
-    saved["module"]["model.norm.weight"][0] = float("nan")
+    saved["optimizer_state_dict"]["single_partition_of_fp32_groups"][1][0] = float("nan")  # a norm's weight
     torch.save(saved, states)
     marker = json.loads((checkpoint / MARKER).read_text())
     name = str(states.relative_to(checkpoint))
@@ -167,6 +169,36 @@ def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
                               f"some space or point --output_dir elsewhere; rerunning the same command resumes from "
                               f"{out / 'checkpoint-2'}")
     assert latest_complete_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_a_master_port_in_use_is_one_line_before_anything_starts(data, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command, env = pretrain_command(data, tmp_path / "out", MASTER_PORT=str(port))
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: MASTER_PORT={port} is in use (another job?): set another MASTER_PORT, or leave "
+                             "it unset to take a free one\n")
+
+
+def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
+    out = tmp_path / "out"
+    command, env = pretrain_command(data, out, *RUN[:-1], "200", ranks=2)
+    with open(tmp_path / "log.txt", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoint-4" / MARKER).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    [rank_1] = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                if b"--local_rank=1" in p.read_bytes() and str(out).encode() in p.read_bytes()]
+    os.kill(rank_1, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "rank 0 of 2 lost contact with another rank, which stopped (its own lines above say why): rerunning the " \
+           f"same command resumes from {out}/checkpoint-" in log, log[-3000:]
 
 
 def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
@@ -208,7 +240,7 @@ def test_secrets_never_reach_logs_or_files(data, tmp_path):
     shown_while_training = set()
     while proc.poll() is None:
         lines = command_lines()
-        if any("deepspeed" in line and str(out) in line for line in lines):  # our launcher has started
+        if any("--num_gpus" in line and str(out) in line for line in lines):  # our DeepSpeed launcher has started
             shown_while_training |= {line for line in lines if flag_secret in line}
         time.sleep(0.2)
     log = (tmp_path / "log.txt").read_text()

@@ -49,5 +49,8 @@ def test_data_wait_is_the_share_of_time_spent_reading_batches(tmp_path, delay):
         assert 0 <= log["data_wait_percent"] <= 100
         assert log["peak_memory_gb"] > 0.1  # this process holds at least torch and the model
         # Back from a share of the interval to seconds (the interval from tokens/s): the sleeps, and little else.
-        waited = log["data_wait_percent"] / 100 * tokens / log["tokens_per_second"]
-        assert 0.95 * expected <= waited <= 1.3 * expected + 0.15, (waited, expected)
+        interval = tokens / log["tokens_per_second"]
+        waited = log["data_wait_percent"] / 100 * interval
+        # At least the sleeps; beyond them, fetching is a small part of what is not sleep (bounds that hold on a
+        # loaded machine too: both sides slow down together).
+        assert 0.95 * expected <= waited <= expected + 0.5 * (interval - expected), (waited, expected, interval)
