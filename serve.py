@@ -35,11 +35,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    from seqlm.checkpoint import CheckpointError, check_checkpoint  # imports transformers: after --help
-
     if port_in_use(args.host, args.port):
         print(f"error: port {args.port} on {args.host} is in use (another server?): pass --port", file=sys.stderr)
         return 2
+    from seqlm.checkpoint import check_checkpoint  # imports transformers: after the checks that need nothing
+
     try:
         check_checkpoint(args.model_path)
         from seqlm.serving import ServedModel
