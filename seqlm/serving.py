@@ -5,7 +5,7 @@ transformers' serving package does the work: the FastAPI app, `/v1/chat/completi
 model (concurrent requests wait their turn; with continuous batching they share the forward passes), and the end of a
 generation when its client disconnects. What this module adds, because `transformers serve` does not do it:
 
-- checks before generating, each answered with a 400 in OpenAI's error format, the server serving on: an empty
+- checks before generating, each answered with a 400 in OpenAI's error format while the server goes on: an empty
   prompt; a prompt that, with the tokens asked for, does not fit the context (transformers would generate past
   `max_position_embeddings` without a word); a chat request to a checkpoint that only continues text (its answer
   would be noise, not a turn); a request for another model. Its other endpoints (responses, transcriptions,
@@ -15,7 +15,7 @@ generation when its client disconnects. What this module adds, because `transfor
 - the chat page (`seqlm/web/chat.html`) at `/`, on the same app and port, so it needs no CORS and no second server.
 
 Everything heavy (torch, the serving package) is imported inside the functions that need it, so that serve.py can
-reject a bad folder or a busy port in a second, before loading anything.
+reject a busy port at once, and a bad folder before loading a model.
 """
 from __future__ import annotations
 
