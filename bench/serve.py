@@ -48,23 +48,29 @@ def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"{QUESTION}（第{i}次）"}]
 
 
-def generate_alone(path: Path, max_tokens: int, repeat: int) -> tuple[float, int]:
-    """(best seconds, tokens) of plain model.generate for the first prompt, greedy, on the serving device."""
-    device, dtype = inference_device()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    ids = tokenizer.apply_chat_template(messages(0), add_generation_prompt=True, return_dict=True,
-                                        return_tensors="pt")["input_ids"].to(device)
-    times, tokens = [], 0
-    for _ in range(repeat + 1):  # the first run warms up
-        start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-        if device == "cuda":
+class Alone:
+    """Plain model.generate, greedy, on the device and dtype serve.py picks, for the first prompt."""
+
+    def __init__(self, path: Path):
+        self.device, dtype = inference_device()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.ids = tokenizer.apply_chat_template(messages(0), add_generation_prompt=True, return_dict=True,
+                                                 return_tensors="pt")["input_ids"].to(self.device)
+
+    def __call__(self, max_tokens: int) -> int:
+        """Its tokens."""
+        out = self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=max_tokens,
+                                  do_sample=False)
+        if self.device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        tokens = out.shape[1] - ids.shape[1]
-    del model
-    return min(times[1:]), tokens
+        return out.shape[1] - self.ids.shape[1]
+
+
+def timed(run, *args) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = run(*args)
+    return time.perf_counter() - start, tokens
 
 
 def stream(api: openai.OpenAI, i: int, max_tokens: int) -> int:
@@ -94,14 +100,14 @@ def main() -> None:
     p.add_argument("--max_tokens", type=int, default=64, help="tokens per answer (default: %(default)s)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels "
                                                                             "(default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=3, help="single-stream runs of each side; the best counts "
-                                                         "(default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, help="single-answer runs of each side, alternated; the best "
+                                                         "counts (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--continuous_batching", action="store_true", help="passed to serve.py")
     args = p.parse_args()
 
     path = args.model_path or build_checkpoint(args.preset, args.workdir / args.preset)
-    alone_seconds, alone_tokens = generate_alone(path, args.max_tokens, args.repeat)
+    alone = Alone(path)  # idle while the server generates, as the server is while it generates
 
     command = [sys.executable, str(REPO / "serve.py"), "--model_path", str(path), "--name", "bench",
                "--port", str(args.port), *(["--continuous_batching"] if args.continuous_batching else [])]
@@ -120,12 +126,11 @@ def main() -> None:
                 time.sleep(1)
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused", max_retries=0,
                             timeout=3600)
-        stream(api, 0, args.max_tokens)  # warm-up
-        single = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            tokens = stream(api, 0, args.max_tokens)
-            single.append(time.perf_counter() - start)
+        alone(args.max_tokens), stream(api, 0, args.max_tokens)  # warm-up
+        # Alternated, so that both sides see the same machine (other work on it comes and goes); the best of each
+        runs = [(timed(alone, args.max_tokens), timed(stream, api, 0, args.max_tokens)) for _ in range(args.repeat)]
+        (alone_seconds, alone_tokens), _ = min(runs, key=lambda run: run[0][0])
+        _, (served_seconds, tokens) = min(runs, key=lambda run: run[1][0])
         if tokens != alone_tokens:
             sys.exit(f"the server generated {tokens} tokens, model.generate {alone_tokens}: not the same answer")
         levels = {n: concurrent_streams(api, n, args.max_tokens) for n in args.streams}
@@ -138,15 +143,17 @@ def main() -> None:
     print(f"{path}: {device}, {str(dtype).removeprefix('torch.')}; {args.max_tokens} tokens an answer, greedy; "
           f"server: {mode}; best of {args.repeat}")
     print(f"{provenance()}\n")
-    alone = alone_tokens / alone_seconds
-    served = tokens / min(single)
+    speed = alone_tokens / alone_seconds
+    served = tokens / served_seconds
     print("| measure | tokens | seconds | tokens/s | vs model.generate |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| model.generate, one answer | {alone_tokens} | {alone_seconds:.2f} | {alone:.1f} | 1.00× |")
-    print(f"| serve.py, one streamed answer | {tokens} | {min(single):.2f} | {served:.1f} | {served / alone:.2f}× |")
+    print(f"| model.generate, one answer | {alone_tokens} | {alone_seconds:.2f} | {speed:.1f} | 1.00× |")
+    print(f"| serve.py, one streamed answer | {tokens} | {served_seconds:.2f} | {served:.1f} | {served / speed:.2f}× |")
     for n, (seconds, total) in levels.items():
         print(f"| serve.py, {n} concurrent streams | {total} | {seconds:.2f} | {total / seconds:.1f} | "
-              f"{total / seconds / alone:.2f}× |")
+              f"{total / seconds / speed:.2f}× |")
+    print(f"\nall single-answer runs (model.generate s / serve.py s): "
+          f"{', '.join(f'{a[0]:.2f} / {b[0]:.2f}' for a, b in runs)}")
 
 
 if __name__ == "__main__":
