@@ -148,7 +148,8 @@ def main() -> None:
     print("| measure | tokens | seconds | tokens/s | vs model.generate |")
     print("|---|---:|---:|---:|---:|")
     print(f"| model.generate, one answer | {alone_tokens} | {alone_seconds:.2f} | {speed:.1f} | 1.00× |")
-    print(f"| serve.py, one streamed answer | {tokens} | {served_seconds:.2f} | {served:.1f} | {served / speed:.2f}× |")
+    print(f"| serve.py, one streamed answer | {tokens} | {served_seconds:.2f} | {served:.1f} | "
+          f"{served / speed:.2f}× |")
     for n, (seconds, total) in levels.items():
         print(f"| serve.py, {n} concurrent streams | {total} | {seconds:.2f} | {total / seconds:.1f} | "
               f"{total / seconds / speed:.2f}× |")
