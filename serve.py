@@ -27,9 +27,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="(default: %(default)s: bfloat16 on GPUs that have it, float16 on others, float32 on CPU)")
     p.add_argument("--continuous_batching", action="store_true",
-                   help="batch concurrent requests in the same forward passes (GPUs). In transformers 5.24 the "
-                        "sampling settings of the first request then apply to all, and repetition penalties are "
-                        "dropped")
+                   help="batch concurrent requests in the same forward passes (GPUs only). In transformers 5.24 "
+                        "the sampling settings of the first request then apply to all, and repetition penalties "
+                        "are dropped")
     return p.parse_args()
 
 
@@ -39,7 +39,18 @@ def main() -> int:
         print(f"error: port {args.port} on {args.host} is in use (another server?): pass --port", file=sys.stderr)
         return 2
     from seqlm.checkpoint import check_checkpoint  # imports transformers: after the checks that need nothing
+    from seqlm.model import inference_device
 
+    device, dtype = inference_device()
+    device = device if args.device == "auto" else args.device
+    dtype = str(dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+    if device.startswith("cpu") and args.dtype == "auto":
+        dtype = "float32"
+    if args.continuous_batching and device.startswith("cpu"):
+        # Measured: a Qwen2.5-0.5B server grew to 12.6 GB on a shared 24 GB machine and was killed for memory.
+        print("error: --continuous_batching is for GPUs: on the CPU transformers sizes its cache to 60% of all RAM, "
+              "whatever else runs", file=sys.stderr)
+        return 2
     try:
         check_checkpoint(args.model_path)
         from seqlm.serving import ServedModel
@@ -51,14 +62,8 @@ def main() -> int:
 
     import uvicorn
 
-    from seqlm.model import inference_device
     from seqlm.serving import build_app
 
-    device, dtype = inference_device()
-    device = device if args.device == "auto" else args.device
-    dtype = str(dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
-    if device.startswith("cpu") and args.dtype == "auto":
-        dtype = "float32"
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     kind = "chat" if served.chat else "continues text (no chat template): /v1/completions only"
     print(f"serving {served.name} ({served.path}; {kind}) on {device} in {dtype}, context {served.context:,} tokens")

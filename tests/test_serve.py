@@ -88,13 +88,14 @@ def chat_py(monkeypatch, capsys, model_path, prompt: str, max_new_tokens: int) -
     return capsys.readouterr().out
 
 
-def test_unusable_checkpoints_and_busy_ports_are_one_line_errors(tmp_path):
+def test_unusable_checkpoints_busy_ports_and_cpu_batching_are_one_line_errors(tmp_path):
     """Before the model is loaded (the kinds of unusable folder are test_chat.py's: the same check_checkpoint)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cases = [(["--model_path", str(tmp_path / "absent")], f"error: no model folder {tmp_path / 'absent'}"),
-                 (["--port", str(busy.getsockname()[1])], "is in use (another server?): pass --port")]
+                 (["--port", str(busy.getsockname()[1])], "is in use (another server?): pass --port"),
+                 (["--device", "cpu", "--continuous_batching"], "--continuous_batching is for GPUs")]
         for args, message in cases:
             result = subprocess.run(serve_command(*args), cwd=REPO, capture_output=True, text=True, timeout=120)
             assert result.returncode == 2 and result.stdout == ""
