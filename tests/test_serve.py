@@ -54,14 +54,15 @@ def servers(checkpoints):
     """{"sft": base URL, "pretrained": base URL}: both servers start at once, each on a free port."""
     started = {}
     for name in ("sft", "pretrained"):
-        port = free_port()
-        process = subprocess.Popen(serve_command("--model_path", str(checkpoints / name), "--port", str(port)),
-                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started[name] = (process, f"http://127.0.0.1:{port}")
+        port, log = free_port(), checkpoints / f"{name}.log"  # a file, not a pipe: a full pipe would block the server
+        with open(log, "w") as out:
+            process = subprocess.Popen(serve_command("--model_path", str(checkpoints / name), "--port", str(port)),
+                                       cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        started[name] = (process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + START_TIMEOUT
-    for name, (process, url) in started.items():
+    for name, (process, url, log) in started.items():
         while True:
-            assert process.poll() is None, process.stdout.read()
+            assert process.poll() is None, log.read_text()
             try:
                 if requests.get(f"{url}/health", timeout=2).ok:
                     break
@@ -69,8 +70,8 @@ def servers(checkpoints):
                 pass
             assert time.monotonic() < deadline, f"{name} server did not start"
             time.sleep(0.5)
-    yield {name: url for name, (_, url) in started.items()}
-    for process, _ in started.values():
+    yield {name: url for name, (_, url, _) in started.items()}
+    for process, _, _ in started.values():
         process.terminate()
         process.wait(timeout=30)
 
