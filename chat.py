@@ -26,7 +26,8 @@ Message = dict[str, str]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=str(paths.SFT_OUTPUT), help="checkpoint folder or hub id (default: %(default)s)")
+    p.add_argument("--model_path", default=str(paths.SFT_OUTPUT),
+                   help="checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--prompt", help="answer this one message (or continue this text), print the answer and exit")
     p.add_argument("--system", help="system prompt (default: the one the model was fine-tuned with, if any)")
     p.add_argument("--plain", action="store_true", help="continue text even if the checkpoint has a chat template")

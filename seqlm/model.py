@@ -35,8 +35,8 @@ def default_attention() -> str:
 
 
 def inference_device() -> tuple[str, torch.dtype]:
-    """Where and in what precision to run a model for generation on this machine: a GPU in bf16 (fp16 where bf16 is
-    not supported), Apple's GPU or the CPU in fp32 (their half-precision kernels are slower or missing)."""
+    """Where and in what precision chat.py and serve.py run a model on this machine: a GPU in bf16 (fp16 where bf16 is
+    not supported), else Apple's GPU or the CPU in fp32."""
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
