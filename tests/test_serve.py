@@ -220,6 +220,8 @@ def set_field(driver, field: str, value) -> None:
 
 def test_the_chat_page_in_a_browser(servers, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     api = client(servers["sft"])
     browser.get(servers["sft"])
@@ -249,6 +251,22 @@ def test_the_chat_page_in_a_browser(servers, browser):
     assert browser.find_elements(By.CSS_SELECTOR, "#log .msg") == []
     fresh, _ = page_answer(browser, PROMPT, 1)  # a new chat forgets the old one
     assert fresh == first
+
+    set_field(browser, "max_tokens", 5000)  # past the context: the server's message, on the page
+    page_answer(browser, "长城有多长？", 2)
+    assert "exceed the model's context of 2,048 tokens" in browser.find_element(By.CSS_SELECTOR, ".error").text
+
+    # Stop: the page drops the stream, the server stops generating (else the next answer would wait > 30 s).
+    set_field(browser, "max_tokens", 1900)
+    browser.find_element(By.ID, "input").send_keys("长城有多长？", Keys.ENTER)
+    WebDriverWait(browser, 30).until(lambda d: int(d.find_elements(By.CSS_SELECTOR, "#log .assistant")[-1]
+                                                   .get_attribute("data-chunks")) >= 3)
+    browser.find_element(By.ID, "stop").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log .note"))
+    set_field(browser, "max_tokens", 4)
+    start = time.monotonic()
+    page_answer(browser, "再见", 4)
+    assert time.monotonic() - start < 10
 
 
 def test_the_page_continues_text_for_a_pretrained_checkpoint(servers, browser):
