@@ -11,7 +11,7 @@ import argparse
 import ipaddress
 import sys
 
-from seqlm.serving import default_checkpoint, port_in_use
+from seqlm.serving import cannot_listen, default_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,8 +35,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if port_in_use(args.host, args.port):
-        print(f"error: port {args.port} on {args.host} is in use (another server?): pass --port", file=sys.stderr)
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from seqlm.checkpoint import check_checkpoint  # imports transformers: after the checks that need nothing
     from seqlm.model import inference_device

@@ -19,6 +19,7 @@ reject a busy port at once, and a bad folder before loading a model.
 """
 from __future__ import annotations
 
+import errno
 import json
 import socket
 from dataclasses import dataclass
@@ -36,14 +37,19 @@ def default_checkpoint() -> str:
     return str(paths.SFT_OUTPUT if paths.SFT_OUTPUT.is_dir() else paths.PRETRAIN_OUTPUT)
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on host:port (checked before the model is loaded)."""
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (a port in use, an unknown address), or None: checked before the
+    model is loaded, not after."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except socket.gaierror as e:
+            return f"cannot listen on {host}: {e.strerror}"
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use (another server?): pass --port"
+            return f"cannot listen on {host} port {port}: {e.strerror}"
+    return None
 
 
 @dataclass(frozen=True)
