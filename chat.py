@@ -23,6 +23,8 @@ from transformers import (
 )
 
 from seqlm import paths
+from seqlm.conversation import is_chat_model
+from seqlm.model import inference_device
 from seqlm.model_folder import ModelFolderError, check_model_folder
 
 Message = dict[str, str]
@@ -30,7 +32,8 @@ Message = dict[str, str]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=str(paths.SFT_OUTPUT), help="checkpoint folder or hub id (default: %(default)s)")
+    p.add_argument("--model_path", default=str(paths.SFT_OUTPUT),
+                   help="checkpoint folder or hub id (default: %(default)s)")
     p.add_argument("--prompt", help="answer this one message (or continue this text), print the answer and exit")
     p.add_argument("--system", help="system prompt (default: the one the model was fine-tuned with, if any)")
     p.add_argument("--plain", action="store_true", help="continue text even if the checkpoint has a chat template")
@@ -48,22 +51,12 @@ def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer; ModelFolderError, OSError or ValueError, with a one-line message, if unusable."""
     check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if torch.cuda.is_available():
-        device, dtype = "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        device, dtype = "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
+    device, dtype = inference_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if len(tokenizer) > model.config.vocab_size:
         raise ModelFolderError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
                               f"{model.config.vocab_size:,}: they do not belong together")
     return model.to(device).eval(), tokenizer
-
-
-def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """A template alone does not make a chat model (Qwen's base tokenizers have one); ending its turns with the eos
-    token, the token generation stops at, does."""
-    template, eos = tokenizer.chat_template, tokenizer.eos_token
-    return bool(template) and eos is not None and eos in template
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message] | str, limit: int) -> torch.Tensor:

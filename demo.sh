@@ -46,3 +46,6 @@ echo "== 8. one answer from the fine-tuned checkpoint (interactive: python chat.
 python chat.py --model_path "$OUT-sft" --prompt "请续写这段新闻：中国人民决心继承邓小平同志的遗志。" --greedy --max_new_tokens 40
 
 echo "fine-tuned: $OUT-sft/ (HF format, ChatML template)   swanlab logs: $OUT-sft/swanlog/   report: $OUT-sft/report.md"
+
+echo "== serve it: an OpenAI-compatible API and a chat page in the browser (Ctrl-C stops it)"
+echo "python serve.py --model_path $OUT-sft     # then open http://127.0.0.1:8000"

@@ -35,6 +35,14 @@ def default_attention() -> str:
     return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
 
 
+def inference_device() -> tuple[str, torch.dtype]:
+    """Where and in what precision chat.py and serve.py run a model on this machine: a GPU in bf16 (fp16 where bf16 is
+    not supported), else Apple's GPU or the CPU in fp32."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
+
+
 def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn_implementation: str | None) -> PreTrainedModel:
     attn = attn_implementation or default_attention()
     if model_name_or_path:

@@ -11,6 +11,6 @@ TOKEN_CACHE_DIR = DATA_DIR / "token_cache"
 REPO = Path(__file__).resolve().parent.parent  # this checkout: its configs, prompts and launch scripts
 CONFIGS_DIR = REPO / "configs"
 PRETRAIN_OUTPUT = Path("output") / "pretrain"  # what pretrain.sh writes and finetune.sh starts from
-SFT_OUTPUT = Path("output") / "sft"  # what finetune.sh writes and chat.py talks to
+SFT_OUTPUT = Path("output") / "sft"  # what finetune.sh writes; chat.py and serve.py start from it
 SFT_SUBSET = DATA_DIR / "belle_sft.jsonl"  # make_subset.py --schema sft: conversations to fine-tune on
 SFT_VALIDATION_SUBSET = DATA_DIR / "belle_sft_val.jsonl"

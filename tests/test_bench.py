@@ -39,3 +39,12 @@ def test_subset_bench_compares_with_head(tmp_path):
     out = bench("subset.py", "--docs", "3000", "--lines", "2000", "--workdir", str(tmp_path), "--repeat", "1")
     assert "\n| head -n | " in out and "\n| make_subset.py | " in out
     assert [p.name for p in tmp_path.iterdir()] == ["corpus-3000.jsonl"]  # the outputs were compared and removed
+
+
+def test_serve_bench_compares_the_server_with_generate(tmp_path):
+    out = bench("serve.py", "--preset", "tiny", "--max_tokens", "4", "--streams", "1", "2", "--repeat", "1",
+                "--workdir", str(tmp_path), "--port", str(free_port()))
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"model.generate, one answer", "serve.py, one streamed answer",
+            "serve.py, 2 concurrent streams"} <= rows.keys()
+    assert rows["serve.py, 2 concurrent streams"].split("|")[2].strip() == "8"  # both answers, 4 tokens each

@@ -1,0 +1,84 @@
+"""Serve a checkpoint: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, streamed or not) and a chat
+page in the browser, on the engine of `transformers serve` (seqlm/serving.py says what is added to it).
+
+    python serve.py                                  # output/sft (else output/pretrain) on http://127.0.0.1:8000
+    python serve.py --model_path output/pretrain     # a pretrained checkpoint continues text (/v1/completions)
+    python serve.py --host 0.0.0.0 --port 8080       # reachable from other machines: only when you mean it
+
+Then open http://127.0.0.1:8000 for the chat page, or use any OpenAI client with base_url http://127.0.0.1:8000/v1.
+"""
+import argparse
+import ipaddress
+import sys
+
+from seqlm.serving import cannot_listen, default_checkpoint
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default=default_checkpoint(),
+                   help="checkpoint folder or hub id (default: %(default)s: the SFT output if there is one, else "
+                        "the pretrained one)")
+    p.add_argument("--name", help="the model's name in requests and /v1/models (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 opens it to all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu (default: %(default)s: a GPU if any)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="(default: %(default)s: bfloat16 on GPUs that have it, float16 on others, float32 on CPU)")
+    p.add_argument("--continuous_batching", action="store_true",
+                   help="batch concurrent requests in the same forward passes (GPUs only). In transformers 5.24 "
+                        "the sampling settings of the first request then apply to all, and repetition penalties "
+                        "are dropped")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from seqlm.model import inference_device
+    from seqlm.model_folder import check_model_folder  # imports transformers: after the checks that need nothing
+
+    device, dtype = inference_device()
+    device = device if args.device == "auto" else args.device
+    dtype = str(dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
+    if device.startswith("cpu") and args.dtype == "auto":
+        dtype = "float32"
+    if args.continuous_batching and device.startswith("cpu"):
+        # Measured: a Qwen2.5-0.5B server grew to 12.6 GB on a shared 24 GB machine and was killed for memory.
+        print("error: --continuous_batching is for GPUs: on the CPU transformers sizes its cache to 60% of all RAM, "
+              "whatever else runs", file=sys.stderr)
+        return 2
+    try:
+        check_model_folder(args.model_path)
+        from seqlm.serving import ServedModel
+
+        served = ServedModel.from_folder(args.model_path, args.name)
+    except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from seqlm.serving import build_app
+
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    kind = "chat" if served.chat else "continues text (no chat template): /v1/completions only"
+    print(f"serving {served.name} ({served.path}; {kind}) on {device} in {dtype}, context {served.context:,} tokens")
+    try:
+        local = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = args.host == "localhost"
+    if not local:
+        print(f"note: listening on {args.host}: anyone who can reach this machine can use the model", file=sys.stderr)
+    app = build_app(served, device=device, dtype=dtype, continuous_batching=args.continuous_batching)
+    print(f"chat page: {url}/   OpenAI API: {url}/v1 (model '{served.name}')", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
