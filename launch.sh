@@ -50,10 +50,9 @@ else
     export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
     DEVICE_ARGS=(--use_cpu true)
     # DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank and port in /dev/shm, which is RAM:
-    # dozens of runs filled 11 GB of a 24 GB machine. When this run ends, however it ends, remove the buffers of its
-    # port that no running process still maps (another job's stay).
-    trap '{ set +x; } 2>/dev/null; for f in /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*_"$MASTER_PORT"_*; do
-              [[ -e $f ]] && ! grep -qsF "$f" /proc/[0-9]*/maps && rm -f "$f"; done; true' EXIT
+    # dozens of runs filled 11 GB of a 24 GB machine. When this run ends (cleanup), remove the buffers of its port
+    # that no running process still maps (another job's stay).
+    SHM_BUFFERS="/dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_${MASTER_PORT}_*"
 fi
 
 if [[ -n ${HOSTFILE:-} ]]; then
@@ -62,5 +61,27 @@ else
     LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 fi
 
-set -x
-"${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${@:2}"  # device flags first: the caller's flags win
+# The launcher stops every rank as soon as one dies, before the others could say why; its own line names the rank.
+# Repeat it at the end, in one line, with what to do.
+LAUNCH_LOG=$(mktemp)
+cleanup() {
+    { set +x; } 2>/dev/null
+    rm -f "$LAUNCH_LOG"
+    for f in ${SHM_BUFFERS:-}; do
+        [[ -e $f ]] && ! grep -qsF "$f" /proc/[0-9]*/maps && rm -f "$f"
+    done
+    true
+}
+trap cleanup EXIT  # however this script ends
+set +e -x
+"${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${@:2}" 2>&1 | tee "$LAUNCH_LOG"  # device flags first: the caller's win
+code=${PIPESTATUS[0]}
+{ set +x -e; } 2>/dev/null
+died=$(grep -o -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]*" "$LAUNCH_LOG" | head -n 1)
+if (( code != 0 )) && [[ -n $died ]]; then
+    rank=${died#--local_rank=}; rank=${rank%%\'*}; died_code=${died##* = }
+    why=$([[ $died_code == -9 ]] && echo "killed: out of memory, or kill -9" || echo "see its lines above")
+    echo "error: rank $rank on $(hostname) died (exit code $died_code, $why) and the launcher stopped the others:" \
+         "rerunning the same command resumes from the newest complete checkpoint" >&2
+fi
+exit "$code"

@@ -23,7 +23,7 @@ from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
 
 log = logging.getLogger(__name__)
-LOW_DISK = 1e9  # bytes: below this, a failed write is taken for a full disk
+LOW_DISK = 1e9  # bytes: below this, a failure while training is taken for a full disk
 # What gloo and NCCL say when a peer process is gone
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
              "Socket Timeout")
@@ -108,10 +108,11 @@ def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
         last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
         resume = f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
         free = shutil.disk_usage(training_args.output_dir).free
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or (
-                "write failed" in str(e) and free < LOW_DISK):
-            fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free): free some space or "
-                 f"point --output_dir elsewhere; {resume}")
+        # torch.save on a full disk says no more than "file write failed" or "unexpected pos": go by the free space.
+        if getattr(e, "errno", None) == errno.ENOSPC or free < LOW_DISK:
+            error = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free; the error: {error}): "
+                 f"free some space or point --output_dir elsewhere; {resume}")
         if any(sign in str(e) for sign in PEER_GONE):
             fail(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another rank, "
                  f"which stopped (its own lines above say why): {resume}")

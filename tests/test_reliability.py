@@ -2,6 +2,7 @@
 a non-finite loss, secrets kept out of every file, and the checks that run before any heavy work."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -136,7 +137,8 @@ def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tm
     # ZeRO-2 resumes the weights from the fp32 master copy in the optimizer shard
     [states] = (checkpoint / "global_step16").glob("*optim_states.pt")
     saved = torch.load(states, weights_only=False)
-    saved["optimizer_state_dict"]["single_partition_of_fp32_groups"][1][0] = float("nan")  # a norm's weight
+    with torch.no_grad():
+        saved["optimizer_state_dict"]["single_partition_of_fp32_groups"][1][0] = float("nan")  # a norm's weight
     torch.save(saved, states)
     marker = json.loads((checkpoint / MARKER).read_text())
     name = str(states.relative_to(checkpoint))
@@ -165,9 +167,9 @@ def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
                       "--eval_strategy", "no", "--report_to", "none", expect_ok=False)
     errors = [line for line in log.splitlines() if " ERROR " in line]
     assert errors and all(line == errors[0] for line in errors), log[-3000:]
-    assert errors[0].endswith(f"the disk of {out} is full ({errors[0].split('(')[1].split(' GB')[0]} GB free): free "
-                              f"some space or point --output_dir elsewhere; rerunning the same command resumes from "
-                              f"{out / 'checkpoint-2'}")
+    assert re.search(rf"the disk of {re.escape(str(out))} is full \(0\.\d\d GB free; the error: .+\): free some space "
+                     rf"or point --output_dir elsewhere; rerunning the same command resumes from "
+                     rf"{re.escape(str(out / 'checkpoint-2'))}$", errors[0]), errors[0]
     assert latest_complete_checkpoint(out) == out / "checkpoint-2"
 
 
@@ -197,8 +199,10 @@ def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
     os.kill(rank_1, signal.SIGKILL)
     assert proc.wait(timeout=300) != 0
     log = (tmp_path / "log.txt").read_text()
-    assert "rank 0 of 2 lost contact with another rank, which stopped (its own lines above say why): rerunning the " \
-           f"same command resumes from {out}/checkpoint-" in log, log[-3000:]
+    assert log.splitlines()[-1] == (
+        f"error: rank 1 on {socket.gethostname()} died (exit code -9, killed: out of memory, or kill -9) and the "
+        "launcher stopped the others: rerunning the same command resumes from the newest complete checkpoint"), \
+        log[-3000:]
 
 
 def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
