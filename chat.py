@@ -17,6 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, 
                           set_seed)
 
 from seqlm.checkpoint import CheckpointError, check_checkpoint
+from seqlm.conversation import is_chat_model
 
 Message = dict[str, str]
 
@@ -50,13 +51,6 @@ def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
                               f"{model.config.vocab_size:,}: they do not belong together")
     return model.to(device).eval(), tokenizer
-
-
-def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """A template alone does not make a chat model (Qwen's base tokenizers have one); ending its turns with the eos
-    token, the token generation stops at, does."""
-    template, eos = tokenizer.chat_template, tokenizer.eos_token
-    return bool(template) and eos is not None and eos in template
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message] | str, limit: int) -> torch.Tensor:

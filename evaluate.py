@@ -9,7 +9,6 @@ into blocks; every block predicts its tokens from those before it, as the held-o
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,22 +17,12 @@ from transformers import AutoModelForCausalLM
 
 from seqlm import paths
 from seqlm.checkpoint import check_checkpoint
-from seqlm.evaluation import mean_loss, text_size
+from seqlm.evaluation import score_file
 from seqlm.model import check_compatible, document_separator, load_config
-from seqlm.report import RUN_INFO_FILE
-from seqlm.token_cache import BlockDataset, build_token_cache
+from seqlm.report import RUN_INFO_FILE, trained_block_size
 from seqlm.tokenizer import load_tokenizer
 
 DEFAULT_BLOCK_SIZE = 2048
-
-
-def trained_block_size(model_path: str) -> int | None:
-    """The block size of the run that wrote this checkpoint (run_info.json of the output dir), if recorded."""
-    for folder in (Path(model_path), Path(model_path).parent):  # the output dir, or one of its checkpoint-N
-        if (folder / RUN_INFO_FILE).is_file():
-            info = json.loads((folder / RUN_INFO_FILE).read_text(encoding="utf-8"))
-            return info["arguments"].get("DataTrainingArguments", {}).get("block_size")
-    return None
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,13 +42,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def score(model, tokenizer, separator_id: int, file: str, args) -> dict:
-    blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, args.token_cache_dir), args.block_size)
-    loss, predictions = mean_loss(model, blocks, args.batch_size, args.max_blocks)
-    return dict(file=file, blocks=min(len(blocks), args.max_blocks or len(blocks)), predicted_tokens=predictions,
-                loss=loss, perplexity=math.exp(min(loss, 50.0)), **text_size(blocks.cache).bits(loss))
-
-
 def main() -> int:
     args = parse_args()
     try:
@@ -76,7 +58,8 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(
             args.model_path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
             device_map="cuda" if torch.cuda.is_available() else None)
-        scores = [score(model, tokenizer, separator_id, f, args) for f in args.files]
+        scores = [score_file(model, tokenizer, separator_id, f, args.block_size, args.token_cache_dir, args.batch_size,
+                             args.max_blocks) for f in args.files]
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import TrainerCallback
 
 from .corpus import LineStats, iter_texts
-from .token_cache import BlockDataset, TokenCache
+from .token_cache import BlockDataset, TokenCache, build_token_cache
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,16 @@ class BitsPerCharCallback(TrainerCallback):
     def add_to(self, logs: dict, state, args) -> None:
         if "eval_loss" in logs:
             logs.update(self.size.bits(logs["eval_loss"], prefix="eval_"))
+
+
+def score_file(model, tokenizer, separator_id: int, file, block_size: int, token_cache_dir, batch_size: int,
+               max_blocks: int | None = None) -> dict:
+    """Loss, perplexity and bits per character and per byte of a model on a JSON Lines file of {"text": ...}, packed
+    into blocks as for training (the token cache, each document ended by separator_id)."""
+    blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, token_cache_dir), block_size)
+    loss, predictions = mean_loss(model, blocks, batch_size, max_blocks)
+    return dict(file=str(file), blocks=min(len(blocks), max_blocks or len(blocks)), predicted_tokens=predictions,
+                loss=loss, perplexity=math.exp(min(loss, 50.0)), **text_size(blocks.cache).bits(loss))
 
 
 @torch.no_grad()

@@ -120,6 +120,14 @@ def newest_state(output_dir: Path) -> tuple[Path, dict]:
     return max(states, key=lambda fs: fs[1]["global_step"])
 
 
+def trained_block_size(model_path: str | os.PathLike) -> int | None:
+    """The block size of the run that wrote this checkpoint (run_info.json of the output dir), if recorded."""
+    for folder in (Path(model_path), Path(model_path).parent):  # the output dir, or one of its checkpoint-N
+        if (info := _read_json(folder / RUN_INFO_FILE)) is not None:
+            return info["arguments"].get("DataTrainingArguments", {}).get("block_size")
+    return None
+
+
 def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(h["step"], h[key]) for h in history if key in h]
     return [s for s, _ in points], [v for _, v in points]
