@@ -15,10 +15,11 @@ from torch.utils.data import Subset
 from transformers import set_seed
 
 from seqlm import paths
-from seqlm.arguments import ModelArguments, PretrainingArguments, SampleArguments
+from seqlm.arguments import BenchmarkArguments, ModelArguments, PretrainingArguments, SampleArguments
+from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.checkpoint import check_checkpoint
 from seqlm.memory import check_gpu_memory
-from seqlm.model import build_model, check_compatible, load_config
+from seqlm.model import build_model, check_compatible, document_separator, load_config
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run
 from seqlm.report import RunRecordCallback
 from seqlm.samples import SamplesCallback
@@ -102,8 +103,8 @@ def run_settings(model_path: str, data_args: SFTDataArguments, training_args) ->
 
 
 def main() -> None:
-    model_args, data_args, sample_args, training_args = parse_args(
-        (FinetuningModelArguments, SFTDataArguments, SampleArguments, FinetuningArguments))
+    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(
+        (FinetuningModelArguments, SFTDataArguments, SampleArguments, BenchmarkArguments, FinetuningArguments))
     setup_logging(training_args)
     evaluating = bool(data_args.validation_files)
 
@@ -129,6 +130,8 @@ def main() -> None:
         check_compatible(config, tokenizer, data_args.max_length)
         prepare_chat_tokenizer(tokenizer, data_args.system_prompt)
         samples = SamplesCallback.from_args(sample_args, tokenizer, chat=True)  # each prompt as a user turn
+        benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.max_length,
+                                                separator_id=document_separator(config))
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         settings = run_settings(model_path, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
@@ -163,7 +166,9 @@ def main() -> None:
                          processing_class=tokenizer, data_collator=PadToLongest(tokenizer.pad_token_id),
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
     trainer.add_callback(samples)
-    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args))
+    if benchmark is not None:
+        trainer.add_callback(benchmark)
+    trainer.add_callback(RunRecordCallback(model_args, data_args, sample_args, benchmark_args))
     train_and_evaluate(trainer, training_args, evaluating, resume_from)
 
 

@@ -144,8 +144,8 @@ def write_task_files(benchmarks: list[Benchmark], task_dir: Path, data_dir: Path
         configs: dict[str, dict] = {}
         if b.name == HELDOUT:
             if heldout_file is None or not Path(heldout_file).is_file():
-                raise BenchmarkError(f"no held-out file {heldout_file}: pass --heldout_file with JSON Lines of "
-                                     "{\"text\": ...} (make_subset.py writes data/seq_monkey_val.jsonl)")
+                raise BenchmarkError(f"{HELDOUT} needs a held-out file of {{\"text\": ...}} lines, not {heldout_file}: "
+                                     "pass --heldout_file (benchmark.py) or --benchmark_heldout_file (training)")
             # Each document scored whole, from the document separator as prefix (see run_suite): bits per UTF-8 byte.
             # No word perplexity: lm-eval splits words at spaces, and Chinese has none.
             configs[HELDOUT] = {
@@ -293,4 +293,5 @@ def write_results(output_dir: Path, result: dict) -> tuple[Path, Path]:
           *markdown(result["rows"], result.get("cross_check"))]
     md_path.write_text("\n".join(md), encoding="utf-8")
     return json_path, md_path
+
 

@@ -20,12 +20,17 @@ import torch
 import yaml
 from helpers import write_jsonl
 from test_download import REPOS, SHA, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
 
 from seqlm import benchmarks
+from seqlm.arguments import BenchmarkArguments
+from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.benchmarks import BENCHMARKS, HELDOUT, Benchmark, centered, cross_check, run_suite, write_task_files
 from seqlm.evaluation import score_file
 from seqlm.model import load_config
+from seqlm.report import write_report
+from seqlm.token_cache import BlockDataset, build_token_cache
+from seqlm.trainer import SafeTrainer
 
 REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643
@@ -345,3 +350,44 @@ def test_eval_download_unreachable_is_one_line_per_dataset(tmp_path, monkeypatch
     for line, b in zip(lines, repos):
         assert line.startswith(f"error: cannot download {b.repo} (branch {b.revision})")
         assert "(ConnectError)" in line and str(tmp_path / "data" / "eval" / b.repo) in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# During training: BenchmarkCallback in the real Trainer, its scores in the log history and the report
+
+
+def test_training_scores_the_suite_every_n_steps_and_at_the_end(tmp_path, offline_qwen_tokenizer,
+                                                                 peoples_daily_texts):
+    heldout = write_jsonl(tmp_path / "val.jsonl", [t[:200] for t in peoples_daily_texts[:3]])
+    train = write_jsonl(tmp_path / "train.jsonl", peoples_daily_texts[10:14])
+    blocks = BlockDataset(build_token_cache(train, offline_qwen_tokenizer, ENDOFTEXT, tmp_path / "cache"), 32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_config("tiny"))
+    options = BenchmarkArguments(benchmark_suite="local", benchmark_steps=2, benchmark_data_dir=str(tmp_path))
+    callback = BenchmarkCallback.from_args(options, offline_qwen_tokenizer, max_length=64, separator_id=ENDOFTEXT,
+                                           heldout_file=str(heldout))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", max_steps=5,
+                             per_device_train_batch_size=2, logging_steps=100, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = SafeTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                          callbacks=[callback])
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    key = f"bench_{HELDOUT}_bits_per_byte"
+    scored = [h for h in trainer.state.log_history if key in h]
+    assert [h["step"] for h in scored] == [2, 4, 5]  # every 2 steps, and the last one
+    assert all("loss" in h and 0 < h[key] < 30 for h in scored)  # with the step's training loss, in one entry
+    assert scored[0][key] != scored[-1][key]  # the model being trained, not a copy from the start
+
+    report = write_report(tmp_path / "run").read_text()
+    assert "## Benchmarks" in report and f"| 4 | {scored[1][key]:.4f} |" in report
+    assert (tmp_path / "run" / "plots" / "benchmark_bits_per_byte.png").is_file()
+
+
+def test_training_refuses_a_suite_it_cannot_run_in_one_line(tmp_path, offline_qwen_tokenizer):
+    options = BenchmarkArguments(benchmark_suite="cloze", benchmark_data_dir=str(tmp_path / "nope"))
+    with pytest.raises(benchmarks.BenchmarkError, match="^heldout_bpb needs a held-out file"):
+        BenchmarkCallback.from_args(options, offline_qwen_tokenizer, max_length=64, separator_id=ENDOFTEXT)
+    assert BenchmarkCallback.from_args(BenchmarkArguments(), offline_qwen_tokenizer, max_length=64,
+                                       separator_id=ENDOFTEXT) is None
