@@ -16,15 +16,12 @@ At run time each task is lm-eval's own YAML, included unchanged, with only its d
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-log = logging.getLogger(__name__)
 
 PARQUET_REVISION = "refs/convert/parquet"  # the hub's Parquet export of every public dataset
 HELLASWAG_ZH_FILE = "data/zh/val.jsonl"  # in alexandrainst/m_hellaswag (main branch: its zh split has no export)
@@ -144,8 +141,9 @@ def write_task_files(benchmarks: list[Benchmark], task_dir: Path, data_dir: Path
         configs: dict[str, dict] = {}
         if b.name == HELDOUT:
             if heldout_file is None or not Path(heldout_file).is_file():
-                raise BenchmarkError(f"{HELDOUT} needs a held-out file of {{\"text\": ...}} lines, not {heldout_file}: "
-                                     "pass --heldout_file (benchmark.py) or --benchmark_heldout_file (training)")
+                raise BenchmarkError(f"{HELDOUT} needs a held-out file of {{\"text\": ...}} lines, not "
+                                     f"{heldout_file}: pass --heldout_file (benchmark.py) or "
+                                     "--benchmark_heldout_file (training)")
             # Each document scored whole, from the document separator as prefix (see run_suite): bits per UTF-8 byte.
             # No word perplexity: lm-eval splits words at spaces, and Chinese has none.
             configs[HELDOUT] = {
