@@ -59,3 +59,9 @@ class ThroughputCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         # Evaluation time is not training throughput: restart the interval after it.
         self._restart_interval(state)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave out of the current interval time spent on something else than training (a benchmark suite)."""
+        if self._last is not None:
+            then, tokens, wait = self._last
+            self._last = (then + seconds, tokens, wait)

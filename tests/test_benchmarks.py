@@ -20,9 +20,9 @@ import torch
 import yaml
 from helpers import write_jsonl
 from test_download import REPOS, SHA, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
-from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
+from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments, default_data_collator
 
-from seqlm import benchmarks
+from seqlm import benchmarks, callbacks
 from seqlm.arguments import BenchmarkArguments
 from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.benchmarks import BENCHMARKS, HELDOUT, Benchmark, centered, cross_check, run_suite, write_task_files
@@ -372,6 +372,10 @@ def test_training_scores_the_suite_every_n_steps_and_at_the_end(tmp_path, offlin
                              disable_tqdm=True)
     trainer = SafeTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
                           callbacks=[callback])
+    callback.throughput = trainer.throughput
+    excluded = []
+    exclude = trainer.throughput.exclude
+    trainer.throughput.exclude = lambda seconds: (excluded.append(seconds), exclude(seconds))
     trainer.train()
     trainer.save_model()
     trainer.save_state()
@@ -380,10 +384,25 @@ def test_training_scores_the_suite_every_n_steps_and_at_the_end(tmp_path, offlin
     assert [h["step"] for h in scored] == [2, 4, 5]  # every 2 steps, and the last one
     assert all("loss" in h and 0 < h[key] < 30 for h in scored)  # with the step's training loss, in one entry
     assert scored[0][key] != scored[-1][key]  # the model being trained, not a copy from the start
+    assert len(excluded) == 3 and min(excluded) > 0  # each suite's seconds left out of tokens/s
 
     report = write_report(tmp_path / "run").read_text()
     assert "## Benchmarks" in report and f"| 4 | {scored[1][key]:.4f} |" in report
     assert (tmp_path / "run" / "plots" / "benchmark_bits_per_byte.png").is_file()
+
+
+def test_throughput_leaves_out_the_time_a_suite_took(monkeypatch):
+    clock = iter([100.0, 160.0, 160.0])  # interval start, the log, the next start
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    throughput = callbacks.ThroughputCallback()
+    state = TrainerState()
+    state.num_input_tokens_seen = 0
+    throughput.on_train_begin(None, state, None)  # the interval starts at 100 s
+    throughput.exclude(50.0)  # a suite took 50 of the next 60 s
+    state.num_input_tokens_seen = 1000
+    logs = {"loss": 1.0}
+    throughput.add_to(logs, state, TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))
+    assert logs["tokens_per_second"] == 100  # 1,000 tokens in the 10 s of training
 
 
 def test_training_refuses_a_suite_it_cannot_run_in_one_line(tmp_path, offline_qwen_tokenizer):
