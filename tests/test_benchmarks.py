@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from helpers import write_jsonl
-from test_download import REPOS, SHA, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
+from test_download import REPOS, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
 from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments, default_data_collator
 
 from seqlm import benchmarks, callbacks
