@@ -20,10 +20,10 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash demo.sh
 
 test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q tests
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) output/demo output/demo-sft data/demo data/token_cache

@@ -1,8 +1,10 @@
 """Download what pretraining needs into data/: the Qwen2.5-0.5B config + tokenizer and the seq-monkey corpus
-(the default), the model weights and the BELLE SFT set on request. Reruns skip what is there and resume the rest.
+(the default), the model weights, the BELLE SFT set and the benchmarks' task data on request. Reruns skip what is
+there and resume the rest.
 
     python download_dataset.py                      # model config/tokenizer + corpus
     python download_dataset.py --sft               # only the SFT data
+    python download_dataset.py --eval              # task data of every benchmark (benchmark.py), into data/eval/
     HF_ENDPOINT=https://hf-mirror.com python download_dataset.py --model --with-weights
 """
 import argparse
@@ -10,7 +12,16 @@ import sys
 from pathlib import Path
 
 from seqlm import paths
-from seqlm.download import CORPUS_MD5, DownloadError, fetch_corpus, fetch_model, fetch_sft, rebase
+from seqlm.benchmarks import BENCHMARKS
+from seqlm.download import (
+    CORPUS_MD5,
+    DownloadError,
+    fetch_benchmark_data,
+    fetch_corpus,
+    fetch_model,
+    fetch_sft,
+    rebase,
+)
 
 
 def main() -> int:
@@ -18,6 +29,7 @@ def main() -> int:
     parser.add_argument("--model", action="store_true", help="config + tokenizer of Qwen/Qwen2.5-0.5B (Hugging Face)")
     parser.add_argument("--corpus", action="store_true", help="seq-monkey pretraining corpus archive (ModelScope)")
     parser.add_argument("--sft", action="store_true", help="BelleGroup/train_3.5M_CN SFT data, 4.85 GB (Hugging Face)")
+    parser.add_argument("--eval", action="store_true", help="task data of the benchmarks (Hugging Face), a few MB")
     parser.add_argument("--with-weights", action="store_true", help="with --model: also *.safetensors (~1 GB)")
     parser.add_argument("--data-dir", type=Path, default=paths.DATA_DIR, help="instead of %(default)s/")
     parser.add_argument("--corpus-url", help="full URL of the corpus archive (default: ModelScope; MODELSCOPE_DOMAIN)")
@@ -31,11 +43,16 @@ def main() -> int:
                                        md5=None if args.no_verify else args.corpus_md5),
         "sft": lambda: fetch_sft(rebase(paths.SFT_FILE.parent, args.data_dir)),
     }
-    chosen = [name for name in fetchers if getattr(args, name)] or ["model", "corpus"]  # what pretraining needs
+    chosen = [name for name in fetchers if getattr(args, name)]
+    default = [] if args.eval else ["model", "corpus"]  # what pretraining needs
+    sources = [fetchers[name] for name in chosen or default]
+    if args.eval:  # one source per benchmark dataset, each failing on its own line
+        sources += [lambda b=b: fetch_benchmark_data(b, rebase(paths.EVAL_DATA_DIR, args.data_dir))
+                    for b in BENCHMARKS.values() if b.repo]
     failed = False
-    for name in chosen:  # one failing source should not stop the others (e.g. hub blocked, ModelScope reachable)
+    for fetch in sources:  # one failing source should not stop the others (e.g. hub blocked, ModelScope reachable)
         try:
-            fetchers[name]()
+            fetch()
         except DownloadError as e:
             print(f"error: {e}", file=sys.stderr)
             failed = True

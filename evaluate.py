@@ -9,19 +9,16 @@ into blocks; every block predicts its tokens from those before it, as the held-o
 """
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 from transformers import AutoModelForCausalLM
 
 from seqlm import outputs, paths
-from seqlm.evaluation import EvaluatedText, mean_loss
+from seqlm.evaluation import score_file
 from seqlm.model import check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
-from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tokenizer import load_tokenizer
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -44,15 +41,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def score(model, tokenizer, separator_id: int, file: str, args) -> dict:
-    blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, args.token_cache_dir), args.block_size)
-    loss, predictions = mean_loss(model, blocks, args.batch_size, args.max_blocks)  # over the first blocks
-    text = EvaluatedText.of(Subset(blocks, range(min(len(blocks), args.max_blocks or len(blocks)))), tokenizer,
-                            separator_id)
-    return dict(file=file, blocks=text.blocks, total_blocks=text.total_blocks, predicted_tokens=predictions,
-                chars=text.chars, bytes=text.bytes, loss=loss, perplexity=math.exp(min(loss, 50.0)), **text.bits(loss))
-
-
 def main() -> int:
     args = parse_args()
     try:
@@ -69,7 +57,8 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(
             args.model_path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
             device_map="cuda" if torch.cuda.is_available() else None)
-        scores = [score(model, tokenizer, separator_id, f, args) for f in args.files]
+        scores = [score_file(model, tokenizer, separator_id, f, args.block_size, args.token_cache_dir, args.batch_size,
+                             args.max_blocks) for f in args.files]
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -14,9 +14,16 @@ from torch.utils.data import Subset
 from transformers import set_seed
 
 from seqlm import paths
-from seqlm.arguments import FinetuningArguments, FinetuningModelArguments, SampleArguments, SFTDataArguments
+from seqlm.arguments import (
+    BenchmarkArguments,
+    FinetuningArguments,
+    FinetuningModelArguments,
+    SampleArguments,
+    SFTDataArguments,
+)
+from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
-from seqlm.model import build_model, check_compatible, load_config
+from seqlm.model import build_model, check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.outputs import FINE_TUNING
 from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, sft_run_settings
@@ -39,8 +46,8 @@ def conversations(files: list[str], tokenizer, data_args: SFTDataArguments, trai
 
 
 def main() -> None:
-    model_args, data_args, sample_args, training_args = parse_args(
-        (FinetuningModelArguments, SFTDataArguments, SampleArguments, FinetuningArguments))
+    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(
+        (FinetuningModelArguments, SFTDataArguments, SampleArguments, BenchmarkArguments, FinetuningArguments))
     setup_logging(training_args)
     evaluating = bool(data_args.validation_files)
 
@@ -66,6 +73,8 @@ def main() -> None:
         check_compatible(config, tokenizer, data_args.max_length)
         prepare_chat_tokenizer(tokenizer, data_args.system_prompt)
         samples = SamplesCallback.from_args(sample_args, tokenizer, chat=True)  # each prompt as a user turn
+        benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.max_length,
+                                                separator_id=document_separator(config))
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         settings = sft_run_settings(model_path, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
@@ -102,7 +111,10 @@ def main() -> None:
                          processing_class=tokenizer, data_collator=PadToLongest(tokenizer.pad_token_id),
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
     trainer.add_callback(samples)
-    trainer.add_callback(RunRecordCallback(FINE_TUNING, (model_args, data_args, sample_args)))
+    if benchmark is not None:
+        benchmark.throughput = trainer.throughput  # the suite's time is not training time
+        trainer.add_callback(benchmark)
+    trainer.add_callback(RunRecordCallback(FINE_TUNING, (model_args, data_args, sample_args, benchmark_args)))
     train_and_evaluate(trainer, training_args, evaluating, resume_from, finished)
 
 

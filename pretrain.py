@@ -10,7 +10,14 @@ import logging
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
-from seqlm.arguments import DataTrainingArguments, ModelArguments, PretrainingArguments, SampleArguments
+from seqlm.arguments import (
+    BenchmarkArguments,
+    DataTrainingArguments,
+    ModelArguments,
+    PretrainingArguments,
+    SampleArguments,
+)
+from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
 from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
 from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
@@ -38,8 +45,8 @@ def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data
 
 
 def main() -> None:
-    model_args, data_args, sample_args, training_args = parse_args(
-        (ModelArguments, DataTrainingArguments, SampleArguments, PretrainingArguments))
+    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(
+        (ModelArguments, DataTrainingArguments, SampleArguments, BenchmarkArguments, PretrainingArguments))
     setup_logging(training_args)
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
@@ -53,6 +60,8 @@ def main() -> None:
         end_text_with_separator(tokenizer, separator_id)
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         samples = SamplesCallback.from_args(sample_args, tokenizer)
+        benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.block_size,
+                                                separator_id=separator_id, heldout_file=data_args.validation_files[0])
         settings = run_settings(config, data_args, training_args)
         check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
@@ -95,7 +104,10 @@ def main() -> None:
     if held_out is not None:
         trainer.add_callback(BitsPerCharCallback(held_out))
     trainer.add_callback(samples)
-    trainer.add_callback(RunRecordCallback(PRETRAINING, (model_args, data_args, sample_args),
+    if benchmark is not None:
+        benchmark.throughput = trainer.throughput  # the suite's time is not training time
+        trainer.add_callback(benchmark)
+    trainer.add_callback(RunRecordCallback(PRETRAINING, (model_args, data_args, sample_args, benchmark_args),
                                            held_out.describe() if held_out else None))
 
     train_and_evaluate(trainer, training_args, evaluating, resume_from, finished)

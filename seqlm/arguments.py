@@ -65,6 +65,24 @@ class SampleArguments:
 
 
 @dataclass
+class BenchmarkArguments:
+    """Standard benchmarks (seqlm/benchmarks.py, scored by lm-evaluation-harness) on the model being trained."""
+
+    benchmark_suite: str | None = field(
+        default=None, metadata={"help": "Score this suite at the last step: local, cloze, default, or benchmark names, "
+                                        "comma-separated (python benchmark.py --help). Default: none."})
+    benchmark_steps: int = field(default=0, metadata={"help": "Also every N steps (0: only at the last step)."})
+    benchmark_limit: int | None = field(
+        default=None, metadata={"help": "Score at most the first N documents of each task (default: all)."})
+    benchmark_batch_size: int = field(default=8, metadata={"help": "Requests per forward pass."})
+    benchmark_data_dir: str = field(
+        default=str(paths.EVAL_DATA_DIR), metadata={"help": "Task data (download_dataset.py --eval puts them here)."})
+    benchmark_heldout_file: str | None = field(
+        default=None, metadata={"help": "JSON Lines of {\"text\": ...} for heldout_bpb (pretraining: default the "
+                                        "first --validation_files)."})
+
+
+@dataclass
 class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the defaults of this pipeline: the tutorial's, with its bugs fixed."""
 

@@ -30,16 +30,16 @@ CHATML_TEMPLATE = r"""{%- set default_system = DEFAULT_SYSTEM -%}
 {%- endif -%}"""
 
 
+def is_chat_model(tokenizer) -> bool:
+    """A template alone does not make a chat model (Qwen's base tokenizers have one); ending its turns with the eos
+    token, the token generation stops at, does."""
+    template, eos = tokenizer.chat_template, tokenizer.eos_token
+    return bool(template) and eos is not None and eos in template
+
+
 def chat_template(system_prompt: str | None) -> str:
     """The ChatML template, with `system_prompt` as the system turn of conversations that have none."""
     return CHATML_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps((system_prompt or "").strip(), ensure_ascii=False))
-
-
-def is_chat_model(tokenizer) -> bool:
-    """Whether a checkpoint's tokenizer makes it a chat model. A template alone does not (Qwen's base tokenizers have
-    one); ending its turns with the eos token, the token generation stops at, does."""
-    template, eos = tokenizer.chat_template, tokenizer.eos_token
-    return bool(template) and eos is not None and eos in template
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Fetch what the pipeline needs into data/: the Qwen2.5-0.5B config + tokenizer (weights optional) and the BELLE
-SFT set from the Hugging Face hub, and the seq-monkey pretraining corpus from ModelScope.
+"""Fetch what the pipeline needs into data/: the Qwen2.5-0.5B config + tokenizer (weights optional), the BELLE SFT
+set and the benchmarks' task data from the Hugging Face hub, and the seq-monkey pretraining corpus from ModelScope.
 
 Every fetch is idempotent (files already in place are not fetched again) and resumable. A source that fails becomes
 one DownloadError line: which source, why in a few words, and how to place the files by hand.
@@ -18,6 +18,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from tqdm import tqdm
 
 from seqlm import paths
+from seqlm.benchmarks import Benchmark
 
 MODEL_REPO = "Qwen/Qwen2.5-0.5B"
 MODEL_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -59,20 +60,25 @@ def _public(url: str) -> str:
 # Hugging Face hub
 
 
-def _from_hub(repo_id: str, repo_type: str, local_dir: Path, files: list[str], fetch: Callable[[str], object]) -> None:
-    """Run fetch(commit_sha). If the hub fails, files already in local_dir will do; else raise DownloadError."""
+def _from_hub(repo_id: str, repo_type: str, local_dir: Path, files: list[str], fetch: Callable[[str], object],
+              revision: str | None = None) -> None:
+    """Run fetch(commit_sha) for the revision (default: main). If the hub fails, files already in local_dir will do
+    (`files` are names or glob patterns); else raise DownloadError."""
     try:
         # Resolve the commit ourselves: huggingface_hub makes this call with no timeout at all, so a firewalled hub
         # would hang for minutes. Given a commit sha, files it already put in local_dir cost no further request.
-        sha = HfApi().repo_info(repo_id, repo_type=repo_type, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+        sha = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision,
+                                timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
         fetch(sha)
     except HUB_ERRORS as e:
-        if all((local_dir / f).is_file() for f in files):
+        if all(any(local_dir.glob(f)) for f in files):
             print(f"{repo_id}: hub unavailable ({_reason(e)}), keeping the files already in {local_dir}")
             return
+        branch = f" (branch {revision})" if revision else ""
         raise DownloadError(
-            f"cannot download {repo_id} from the Hugging Face hub at {_public(constants.ENDPOINT)} ({_reason(e)}). Set "
-            f"HF_ENDPOINT to a mirror (e.g. https://hf-mirror.com), or place {', '.join(files)} in {local_dir}/ by hand."
+            f"cannot download {repo_id}{branch} from the Hugging Face hub at {_public(constants.ENDPOINT)} "
+            f"({_reason(e)}). Set HF_ENDPOINT to a mirror (e.g. https://hf-mirror.com), or place {', '.join(files)} "
+            f"in {local_dir}/ by hand."
         ) from e
     print(f"{repo_id}: {', '.join(files)} in {local_dir}")
 
@@ -90,6 +96,14 @@ def fetch_sft(local_dir: Path = paths.SFT_FILE.parent) -> None:
     name = paths.SFT_FILE.name
     _from_hub(SFT_REPO, "dataset", local_dir, [name], lambda sha: hf_hub_download(
         SFT_REPO, name, repo_type="dataset", revision=sha, local_dir=local_dir))
+
+
+def fetch_benchmark_data(benchmark: Benchmark, data_dir: Path = paths.EVAL_DATA_DIR) -> None:
+    """The task data of one benchmark (seqlm.benchmarks), into data_dir/<repo>/, read offline after that."""
+    local_dir = data_dir / benchmark.repo
+    _from_hub(benchmark.repo, "dataset", local_dir, benchmark.data_patterns, lambda sha: snapshot_download(
+        benchmark.repo, repo_type="dataset", revision=sha, local_dir=local_dir, allow_patterns=benchmark.data_patterns),
+        revision=benchmark.revision)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

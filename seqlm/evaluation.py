@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .token_cache import BlockDataset
+from .token_cache import BlockDataset, build_token_cache
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 22  # tokens looked up at a time: bounded memory on any held-out set
@@ -127,6 +127,17 @@ class BitsPerCharCallback(TrainerCallback):
     def add_to(self, logs: dict, state, args) -> None:
         if "eval_loss" in logs:
             logs.update(self.text.bits(logs["eval_loss"], prefix="eval_"))
+
+
+def score_file(model, tokenizer, separator_id: int, file, block_size: int, token_cache_dir, batch_size: int,
+               max_blocks: int | None = None) -> dict:
+    """Loss, perplexity and bits per character and per byte of a model on a JSON Lines file of {"text": ...}, packed
+    into blocks as for training (the token cache, each document ended by separator_id)."""
+    blocks = BlockDataset(build_token_cache(file, tokenizer, separator_id, token_cache_dir), block_size)
+    loss, predictions = mean_loss(model, blocks, batch_size, max_blocks)  # over the first blocks
+    text = EvaluatedText.of(Subset(blocks, range(min(len(blocks), max_blocks or len(blocks)))), tokenizer, separator_id)
+    return dict(file=str(file), blocks=text.blocks, total_blocks=text.total_blocks, predicted_tokens=predictions,
+                chars=text.chars, bytes=text.bytes, loss=loss, perplexity=math.exp(min(loss, 50.0)), **text.bits(loss))
 
 
 @torch.no_grad()

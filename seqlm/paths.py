@@ -5,6 +5,7 @@ DATA_DIR = Path("data")
 MODEL_DIR = DATA_DIR / "Qwen2.5-0.5B"  # config + tokenizer files of the hub model
 CORPUS_ARCHIVE = DATA_DIR / "mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2"
 SFT_FILE = DATA_DIR / "BelleGroup" / "train_3.5M_CN.json"
+EVAL_DATA_DIR = DATA_DIR / "eval"  # benchmark task data, one folder per hub dataset repo (download_dataset.py --eval)
 TRAIN_SUBSET = DATA_DIR / "seq_monkey_1M.jsonl"
 VALIDATION_SUBSET = DATA_DIR / "seq_monkey_val.jsonl"
 TOKEN_CACHE_DIR = DATA_DIR / "token_cache"

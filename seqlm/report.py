@@ -177,6 +177,32 @@ def plots_section(output_dir: Path, history: list[dict]) -> list[str]:
     return lines or ["No curve: the run logged nothing yet.", ""]
 
 
+def benchmarks_section(output_dir: Path, history: list[dict]) -> list[str]:
+    """The standard benchmarks scored during training (BenchmarkCallback): a table, and a plot once there are
+    several points. Nothing for a run without them."""
+    points = [h for h in history if any(k.startswith("bench_") for k in h)]
+    if not points:
+        return []
+    columns = sorted({k for h in points for k in h if k.startswith("bench_")})
+    lines = ["## Benchmarks", "", "Scored by lm-evaluation-harness (`--benchmark_suite`); centered accuracy is "
+             "(accuracy − chance) / (1 − chance): 0 is guessing.", "",
+             "| step | " + " | ".join(k.removeprefix("bench_") for k in columns) + " |",
+             "|---:|" + "---:|" * len(columns)]
+    lines += [f"| {h['step']:,} | " + " | ".join(number(h.get(k), 4) for k in columns) + " |" for h in points]
+    lines.append("")
+    if len(points) > 1:
+        centered = {k.removeprefix("bench_").removesuffix("_centered"): series(history, k)
+                    for k in columns if k.endswith("_centered")}
+        bits = {k.removeprefix("bench_"): series(history, k) for k in columns if k.endswith("_bits_per_byte")}
+        for name, title, ylabel, curves in [("benchmarks", "Centered accuracy (0 = chance)", "centered accuracy",
+                                             centered),
+                                            ("benchmark_bits_per_byte", "Held-out bits per byte (lm-eval)", "bits",
+                                             bits)]:
+            if plot(output_dir / outputs.PLOTS_DIR / f"{name}.png", title, ylabel, curves):
+                lines += [f"![{title}]({outputs.PLOTS_DIR}/{name}.png)", ""]
+    return lines
+
+
 def samples_section(samples: list[dict], fine_tuning: bool) -> list[str]:
     if not samples:
         return ["No samples recorded (`--sample_steps 0`, or a run without the samples callback).", ""]
@@ -235,6 +261,7 @@ def write_report(output_dir: str | os.PathLike) -> Path:
              f"`python report.py {output_dir}` writes it again.", "",
              "## Summary", "", *table(summary_rows(state, results, config, info)),
              "## Curves", "", *plots_section(output_dir, state["log_history"]),
+             *benchmarks_section(output_dir, state["log_history"]),
              "## Samples", "", *samples_section(outputs.read_samples(output_dir), fine_tuning),
              "## Configuration", "", *configuration_section(info),
              "## Environment", "", *environment_section(info)]

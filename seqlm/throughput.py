@@ -57,7 +57,7 @@ class ThroughputCallback(TrainerCallback):
             self._restart_interval(state)
 
     def exclude(self, seconds: float) -> None:
-        """Leave `seconds` (an evaluation) out of the current interval: evaluation is not training throughput."""
+        """Leave `seconds` (an evaluation, a benchmark suite) out of the current interval: neither is training."""
         if self._last is not None:
             then, tokens, wait = self._last
             self._last = (then + seconds, tokens, wait)
