@@ -75,9 +75,8 @@ cleanup() {
 trap cleanup EXIT  # however this script ends
 set +e -x
 "${LAUNCHER[@]}" "$1" "${DEVICE_ARGS[@]}" "${@:2}" 2>&1 | tee "$LAUNCH_LOG"  # device flags first: the caller's win
-code=${PIPESTATUS[0]}
-{ set +x -e; } 2>/dev/null
-died=$(grep -o -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]*" "$LAUNCH_LOG" | head -n 1)
+{ code=${PIPESTATUS[0]}; set +x -e; } 2>/dev/null
+died=$(grep -o -m 1 -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]*" "$LAUNCH_LOG" || true)
 if (( code != 0 )) && [[ -n $died ]]; then
     rank=${died#--local_rank=}; rank=${rank%%\'*}; died_code=${died##* = }
     why=$([[ $died_code == -9 ]] && echo "killed: out of memory, or kill -9" || echo "see its lines above")
