@@ -300,8 +300,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from transformers import AutoTokenizer
     from seqlm.tokenizer import offline_tokenizer_dir
-    from seqlm.cache import DamagedCache
-from seqlm.token_cache import build_token_cache
+    from seqlm.token_cache import build_token_cache
     source, root, ready, go = sys.argv[1:5]
     tok = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
     Path(ready).touch()
