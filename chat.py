@@ -25,7 +25,7 @@ from transformers import (
 from seqlm import paths
 from seqlm.conversation import is_chat_model
 from seqlm.model import inference_device
-from seqlm.model_folder import ModelFolderError, check_model_folder
+from seqlm.model_folder import check_model_folder, check_tokenizer_fits
 
 Message = dict[str, str]
 
@@ -53,9 +53,7 @@ def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     device, dtype = inference_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ModelFolderError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
-                              f"{model.config.vocab_size:,}: they do not belong together")
+    check_tokenizer_fits(path, tokenizer, model.config.vocab_size)
     return model.to(device).eval(), tokenizer
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .fileio import atomic_output, file_digest, file_lock
+from .fileio import atomic_output, file_digest, file_listing, file_lock, listing_difference
 
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.uint32  # the Qwen vocabulary has more than 65,535 entries
@@ -47,14 +47,9 @@ def check_cache(folder: Path) -> None:
     if not listed:
         raise DamagedCache(f"the cache {folder} lists no file digests (built by an older version): delete that folder "
                            "and rerun to rebuild it")
-    for name, entry in listed.items():
-        path = folder / name
-        problem = ("is missing" if not path.is_file() else
-                   f"is {path.stat().st_size:,} bytes, not {entry['bytes']:,}" if path.stat().st_size != entry["bytes"]
-                   else "has changed since it was written" if file_digest(path) != entry["xxh3_128"] else None)
-        if problem:
-            raise DamagedCache(f"the cache {folder} is damaged: {name} {problem}. Delete that folder and rerun to "
-                               "rebuild it")
+    problem = listing_difference(folder, listed, "has changed since it was written")
+    if problem:
+        raise DamagedCache(f"the cache {folder} is damaged: {problem}. Delete that folder and rerun to rebuild it")
 
 
 def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokenizer: PreTrainedTokenizerBase,
@@ -92,8 +87,7 @@ def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokeniz
             made, notes = build(source, tmp, manifest)
             seconds = time.perf_counter() - start
             manifest["seconds"] = round(seconds, 3)
-            manifest["files"] = {p.name: {"bytes": p.stat().st_size, "xxh3_128": file_digest(p)}
-                                 for p in sorted(tmp.iterdir())}
+            manifest["files"] = file_listing(tmp, sorted(p.name for p in tmp.iterdir()))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         print(f"tokenized {source}: {made} in {seconds:.3g} s ({manifest['num_tokens'] / seconds:,.0f} tokens/s)",
               *notes, sep="\n")

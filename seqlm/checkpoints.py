@@ -24,20 +24,19 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
-from .fileio import atomic_output, file_digest
+from .fileio import atomic_output, file_listing, listing_difference
 from .outputs import COMPLETE_MARKER
 
 log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != COMPLETE_MARKER}
+def _files(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER]
 
 
 def mark_complete(folder: Path) -> None:
-    files = {name: {"bytes": size, "xxh3_128": file_digest(folder / name)} for name, size in _files(folder).items()}
+    files = file_listing(folder, _files(folder))
     with atomic_output(folder / COMPLETE_MARKER) as tmp:
         tmp.write_text(json.dumps({"files": files}, indent=1))
 
@@ -47,23 +46,18 @@ def incomplete_reason(folder: Path, check_content: bool = True) -> str | None:
     cheap check, for rotation)."""
     try:
         listed = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
-        sizes = {name: entry["bytes"] for name, entry in listed.items()}
+        total = sum(entry["bytes"] for entry in listed.values())
     except FileNotFoundError:
         return "it was never finished (no complete.json)"
     except (ValueError, KeyError, TypeError):
         return "its complete.json is unreadable, or from an older version (file sizes only)"
-    on_disk = _files(folder)
-    for name, size in sizes.items():
-        if on_disk.get(name) != size:
-            return f"{name} is {'missing' if name not in on_disk else f'{on_disk[name]} bytes, not {size}'}"
-    if check_content:
-        start, total = time.perf_counter(), sum(sizes.values())
-        for name, entry in listed.items():
-            if file_digest(folder / name) != entry["xxh3_128"]:
-                return f"{name} has changed since it was saved (its digest differs): it is damaged"
+    start = time.perf_counter()
+    reason = listing_difference(folder, listed, "has changed since it was saved (its digest differs): it is damaged",
+                                check_content)
+    if reason is None and check_content:
         log.info("checked %s: %d files, %.2f GB, as saved (%.1f s)", folder, len(listed), total / 1e9,
                  time.perf_counter() - start)
-    return None
+    return reason
 
 
 # What a checkpoint holds only to resume training (DeepSpeed's shards, schedule and random state, its tools); the

@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import xxhash
 
@@ -64,3 +64,25 @@ def file_digest(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_listing(folder: Path, names: Iterable[str]) -> dict[str, dict]:
+    """The size and digest of each named file of `folder` (names relative to it): what listing_difference checks."""
+    return {name: {"bytes": (folder / name).stat().st_size, "xxh3_128": file_digest(folder / name)} for name in names}
+
+
+def listing_difference(folder: Path, listed: dict[str, dict], changed: str, check_content: bool = True) -> str | None:
+    """The first way the files of `folder` differ from `listed` (file_listing's), in words: "NAME is missing",
+    "NAME is 12 bytes, not 16", or "NAME " + `changed` for a different digest; None when none does. The sizes of all
+    are compared before any file is read; without check_content, only they are."""
+    for name, entry in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (size := path.stat().st_size) != entry["bytes"]:
+            return f"{name} is {size:,} bytes, not {entry['bytes']:,}"
+    if check_content:
+        for name, entry in listed.items():
+            if file_digest(folder / name) != entry["xxh3_128"]:
+                return f"{name} {changed}"
+    return None

@@ -51,3 +51,10 @@ def check_model_folder(path: str) -> None:
         raise ModelFolderError(f"{path} holds {kind}, not a causal language model")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelFolderError(f"{path} has a config.json but no weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME})")
+
+
+def check_tokenizer_fits(path: str, tokenizer, vocab_size: int) -> None:
+    """Raise ModelFolderError when the folder's tokenizer has ids its model has no embedding for."""
+    if len(tokenizer) > vocab_size:
+        raise ModelFolderError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only {vocab_size:,}: "
+                               "they do not belong together")

@@ -67,12 +67,10 @@ class ServedModel:
         from transformers import AutoConfig, AutoTokenizer
 
         from .conversation import is_chat_model
-        from .model_folder import ModelFolderError
+        from .model_folder import check_tokenizer_fits
 
         config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        if len(tokenizer) > config.vocab_size:
-            raise ModelFolderError(f"{path}: the tokenizer has {len(tokenizer):,} tokens, the model only "
-                                  f"{config.vocab_size:,}: they do not belong together")
+        check_tokenizer_fits(path, tokenizer, config.vocab_size)
         return cls(path=path, name=name or Path(path).resolve().name, chat=is_chat_model(tokenizer),
                    context=config.max_position_embeddings)
 
