@@ -26,9 +26,9 @@ from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
 from seqlm.model import build_model, check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.outputs import FINE_TUNING
-from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, sft_run_settings
+from seqlm.preflight import check_disk, check_ds_config, check_readable, sft_run_settings
 from seqlm.report import RunRecordCallback
-from seqlm.run import checkpoint_to_resume, fail, parse_args, record_run, setup_logging, train_and_evaluate
+from seqlm.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
 from seqlm.samples import SamplesCallback
 from seqlm.sft import PadToLongest, SFTTrainer, prepare_chat_tokenizer, set_chat_eos
 from seqlm.sft_cache import ConversationDataset, build_sft_cache
@@ -77,16 +77,15 @@ def main() -> None:
                                                 separator_id=document_separator(config))
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         settings = sft_run_settings(model_path, data_args, training_args)
-        check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit)
         # Batches are padded to their longest: at worst --max_length.
         resolve_activation_checkpointing(config, data_args.max_length, training_args)
         check_gpu_memory(config, data_args.max_length, training_args)
+        resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 
-    resume_from, finished = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
     try:
@@ -105,10 +104,11 @@ def main() -> None:
     # A finished run is not trained again: its final weights are those of its last checkpoint.
     model = build_model(config, resume_from if finished else model_path, model_args.attn_implementation)
     set_chat_eos(model, tokenizer)
-    record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
+    start_tracking(training_args, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, data_collator=PadToLongest(tokenizer.pad_token_id),
+                         run_settings=settings,
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
     trainer.add_callback(samples)
     if benchmark is not None:

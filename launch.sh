@@ -2,7 +2,9 @@
 # Run a training script (pretrain.py, finetune.py) under the DeepSpeed launcher on every GPU of this machine, on
 # the nodes of a hostfile, or on CPU ranks: `bash launch.sh SCRIPT.py ARGS...`. pretrain.sh and finetune.sh call it.
 #   NUM_GPUS     ranks on this machine (default: all GPUs, or 1 CPU rank)
-#   HOSTFILE     DeepSpeed hostfile for several nodes ("node1 slots=8" lines)
+#   HOSTFILE     DeepSpeed hostfile for several nodes ("node1 slots=8" lines): started from the first node over ssh
+#   NODE_RANK    with HOSTFILE, no ssh: run this on every node, each with its place in the hostfile (0, 1, ...)
+#   MASTER_ADDR  with NODE_RANK: the first node's address, which every node reaches
 #   MASTER_PORT  rendezvous port (default: a free one on a single node; 29500 with a hostfile)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,7 +57,11 @@ else
     SHM_BUFFERS="/dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_${MASTER_PORT}_*"
 fi
 
-if [[ -n ${HOSTFILE:-} ]]; then
+if [[ -n ${HOSTFILE:-} && -n ${NODE_RANK:-} ]]; then
+    LAUNCHER=(deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK"
+              --master_addr "${MASTER_ADDR:?with NODE_RANK, set MASTER_ADDR to the address of the first node}"
+              --master_port "$MASTER_PORT")
+elif [[ -n ${HOSTFILE:-} ]]; then
     LAUNCHER=(deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
 else
     LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
@@ -80,7 +86,8 @@ died=$(grep -o -m 1 -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]
 if (( code != 0 )) && [[ -n $died ]]; then
     rank=${died#--local_rank=}; rank=${rank%%\'*}; died_code=${died##* = }
     why=$([[ $died_code == -9 ]] && echo "killed: out of memory, or kill -9" || echo "see its lines above")
+    resume=$(python -m seqlm.checkpoints "$@" 2>/dev/null) || resume="the newest complete checkpoint"
     echo "error: rank $rank on $(hostname) died (exit code $died_code, $why) and the launcher stopped the others:" \
-         "rerunning the same command resumes from the newest complete checkpoint" >&2
+         "rerunning the same command resumes from $resume" >&2
 fi
 exit "$code"

@@ -22,9 +22,9 @@ from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
 from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
 from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
 from seqlm.outputs import PRETRAINING
-from seqlm.preflight import check_disk, check_ds_config, check_readable, check_same_run, run_settings
+from seqlm.preflight import check_disk, check_ds_config, check_readable, run_settings
 from seqlm.report import RunRecordCallback
-from seqlm.run import checkpoint_to_resume, fail, parse_args, record_run, setup_logging, train_and_evaluate
+from seqlm.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
 from seqlm.samples import SamplesCallback
 from seqlm.token_cache import BlockDataset, build_token_cache
 from seqlm.tracking import swanlab_mode
@@ -63,15 +63,14 @@ def main() -> None:
         benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.block_size,
                                                 separator_id=separator_id, heldout_file=data_args.validation_files[0])
         settings = run_settings(config, data_args, training_args)
-        check_same_run(training_args.output_dir, settings)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit)
         resolve_activation_checkpointing(config, data_args.block_size, training_args)
         check_gpu_memory(config, data_args.block_size, training_args)
+        resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
 
-    resume_from, finished = checkpoint_to_resume(training_args)
     set_seed(training_args.seed)
 
     try:
@@ -96,11 +95,11 @@ def main() -> None:
     # A finished run is not trained again: its final weights are those of its last checkpoint.
     model = build_model(config, resume_from if finished else model_args.model_name_or_path,
                         model_args.attn_implementation)
-    record_run(training_args, settings, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
+    start_tracking(training_args, swanlab_run_mode, config={**vars(model_args), **vars(data_args)})
 
     trainer = SafeTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           processing_class=tokenizer, data_collator=default_data_collator,
-                          seq_len=data_args.block_size)
+                          run_settings=settings, seq_len=data_args.block_size)
     if held_out is not None:
         trainer.add_callback(BitsPerCharCallback(held_out))
     trainer.add_callback(samples)

@@ -3,8 +3,9 @@ only while every byte is as it was written.
 
 The Trainer writes checkpoint folders in place and, left alone, resumes from the newest folder even when a crash cut
 it short, and rotates old checkpoints away before the new one is known to be whole. Here:
-- after every save, all ranks meet, and the first writes `checkpoint-N/complete.json` listing every file with its size
-  and an xxh3-128 digest of its content; it hashes in a thread while training goes on (about 1 s per GB here), so
+- after every save, all ranks meet, and the first writes the run's settings into `checkpoint-N/run_settings.json` (and
+  the output dir's), then `checkpoint-N/complete.json` listing every file with its size and an xxh3-128 digest of
+  its content; it hashes in a thread while training goes on (about 1 s per GB here), so
   the marker comes a few seconds after the save;
 - resuming takes the newest checkpoint whose files still have those sizes and digests; an unfinished or damaged one
   is reported in one line naming the file, never loaded and never deleted;
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from .fileio import atomic_output, file_listing, listing_difference
-from .outputs import COMPLETE_MARKER
+from .outputs import COMPLETE_MARKER, RUN_SETTINGS_FILE, UNIVERSAL_DIR
+from .paths import PRETRAIN_OUTPUT, SFT_OUTPUT
 
 log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -39,6 +42,11 @@ def mark_complete(folder: Path) -> None:
     files = file_listing(folder, _files(folder))
     with atomic_output(folder / COMPLETE_MARKER) as tmp:
         tmp.write_text(json.dumps({"files": files}, indent=1))
+
+
+def save_run_settings(folder: Path, settings: dict) -> None:
+    with atomic_output(folder / RUN_SETTINGS_FILE) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def incomplete_reason(folder: Path, check_content: bool = True) -> str | None:
@@ -95,12 +103,12 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike, quiet: bool = Fals
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once all ranks saved it, then keeps at most `keep` complete ones. The marking
-    runs in a thread, so that training goes on while the checkpoint is hashed; the next save, and the end of
-    training, wait for it."""
+    """Marks each checkpoint complete once all ranks saved it, with the run's `settings` in it, then keeps at most
+    `keep` complete ones. The marking runs in a thread, so that training goes on while the checkpoint is hashed; the
+    next save, and the end of training, wait for it."""
 
-    def __init__(self, keep: int | None):
-        self.keep = keep
+    def __init__(self, keep: int | None, settings: dict | None):
+        self.keep, self.settings = keep, settings
         self._marking: threading.Thread | None = None
 
     def on_save(self, args, state, control, **kwargs):
@@ -110,6 +118,9 @@ class CompleteCheckpoints(TrainerCallback):
             return
         self.wait()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.settings is not None:
+            for where in folder, folder.parent:
+                save_run_settings(where, self.settings)
         # Not a daemon: a run that ends normally still finishes the marker; a killed one leaves no marker, and the
         # checkpoint counts as unfinished.
         self._marking = threading.Thread(target=self._mark_and_rotate, args=(folder,), name="mark-checkpoint")
@@ -125,13 +136,24 @@ class CompleteCheckpoints(TrainerCallback):
 
     def _mark_and_rotate(self, folder: Path) -> None:
         mark_complete(folder)
+        shutil.rmtree(folder.parent / UNIVERSAL_DIR, ignore_errors=True)  # conversions of older checkpoints
         if self.keep:
             complete = [c for c in checkpoints(folder.parent) if incomplete_reason(c, check_content=False) is None]
             for old in complete[:-self.keep]:
                 shutil.rmtree(old)
 
 
-def make_checkpoints_crash_safe(trainer: Trainer) -> None:
+def make_checkpoints_crash_safe(trainer: Trainer, settings: dict | None) -> None:
     """Take checkpoint rotation over from the Trainer (which would count unfinished folders) and mark saves."""
     keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
-    trainer.add_callback(CompleteCheckpoints(keep))
+    trainer.add_callback(CompleteCheckpoints(keep, settings))
+
+
+if __name__ == "__main__":
+    # `python -m seqlm.checkpoints SCRIPT ARGS...`: what a rerun of that command resumes from (launch.sh says it when a
+    # rank died).
+    script, args = sys.argv[1], sys.argv[2:]
+    output_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--output_dir=")), None) or next(
+        (value for flag, value in zip(args, args[1:]) if flag == "--output_dir"),
+        SFT_OUTPUT if Path(script).name == "finetune.py" else PRETRAIN_OUTPUT)
+    print(latest_complete_checkpoint(output_dir, quiet=True) or "the start (no complete checkpoint yet)")

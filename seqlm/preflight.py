@@ -10,7 +10,6 @@ from transformers import PretrainedConfig
 
 from . import outputs
 from .checkpoints import checkpoints
-from .fileio import atomic_output
 from .model import parameter_count
 
 # What a checkpoint's meaning depends on: resuming with any of these changed would silently mix two runs.
@@ -18,6 +17,8 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_si
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 BATCH_KEYS = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
               "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}
+# What a run's global batch is made of; any of them may change on a resume if their product does not.
+GLOBAL_BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 CHECKPOINT_BYTES_PER_PARAMETER = 20  # fp32 weights (4) + ZeRO's fp32 master copy and Adam moments (12) + 16-bit copy
 
 
@@ -64,20 +65,42 @@ def sft_run_settings(model_path: str, data_args, training_args) -> dict:
             "world_size": training_args.world_size, "seed": training_args.seed}
 
 
-def check_same_run(output_dir: str, settings: dict) -> None:
-    """Refuse to resume checkpoints written with other settings; otherwise record these for the next rerun."""
-    before = outputs.run_settings(output_dir)
-    if checkpoints(output_dir) and before is not None:
-        changed = [k for k in settings if before.get(k) != settings[k]]
-        if changed:
-            k = changed[0]
-            raise ValueError(f"{output_dir} holds checkpoints of a run with other settings ({k}: {before.get(k)} "
-                             f"then, {settings[k]} now): use another --output_dir, or the same settings to resume")
+def ranks(count: int) -> str:
+    return f"{count} rank{'s' if count != 1 else ''}"
 
 
-def save_run_settings(output_dir: str, settings: dict) -> None:
-    with atomic_output(Path(output_dir) / outputs.RUN_SETTINGS_FILE) as tmp:
-        tmp.write_text(json.dumps(settings, indent=1) + "\n")
+def global_batch(settings: dict) -> int:
+    """Sequences per optimizer step, over all ranks."""
+    return settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] * settings["world_size"]
+
+
+def flags_keeping(sequences: int, world_size: int, per_device: int) -> str:
+    """The flags that give a global batch of `sequences` on `world_size` ranks: the per-device batch asked for if it
+    divides, else the largest smaller one that does, with the accumulation to match."""
+    if sequences % world_size:
+        return f"its global batch of {sequences} sequences cannot be split over {ranks(world_size)}: use a " \
+               f"number of ranks that divides {sequences}"
+    per_rank = sequences // world_size
+    per_device = max(d for d in range(1, min(per_device, per_rank) + 1) if per_rank % d == 0)
+    return f"to keep its global batch of {sequences} sequences on {ranks(world_size)}, pass " \
+           f"--per_device_train_batch_size {per_device} --gradient_accumulation_steps {per_rank // per_device}"
+
+
+def check_same_run(checkpoint: Path, settings: dict) -> None:
+    """Refuse to resume `checkpoint` with settings that change what it means. The per-device batch, accumulation and
+    number of ranks may change as long as the global batch does not: the steps stay the same (seqlm.elastic)."""
+    before = outputs.run_settings(checkpoint)
+    if before is None:
+        return
+    changed = [k for k in settings if before.get(k) != settings[k]]
+    batch_only = set(changed) <= set(GLOBAL_BATCH_KEYS)
+    if not changed or (batch_only and global_batch(before) == global_batch(settings)):
+        return
+    fix = "use another --output_dir, or the same settings to resume"
+    if batch_only:
+        fix = flags_keeping(global_batch(before), settings["world_size"], settings["per_device_train_batch_size"])
+    differences = "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
+    raise ValueError(f"{checkpoint} was written by a run with other settings ({differences}): {fix}")
 
 
 def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:

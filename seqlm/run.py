@@ -17,7 +17,8 @@ from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
 from . import outputs
 from .checkpoints import export_model, latest_complete_checkpoint
-from .preflight import save_run_settings
+from .elastic import universal_checkpoint
+from .preflight import check_same_run, global_batch, ranks
 from .report import write_report
 from .tracking import start_swanlab
 from .trainer import NonFiniteLoss, SafeTrainer
@@ -63,15 +64,18 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-def checkpoint_to_resume(training_args: TrainingArguments) -> tuple[str | None, bool]:
+def checkpoint_to_resume(training_args: TrainingArguments, settings: dict) -> tuple[str | None, bool]:
     """(checkpoint, finished): --resume_from_checkpoint when given, else the newest complete checkpoint-N in
     --output_dir, so that a rerun continues; finished when training had already reached its last step there, so that
-    a rerun of a finished run trains no further."""
-    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
+    a rerun of a finished run trains no further. A checkpoint written with other `settings` is refused (ValueError),
+    one written by another number of ranks with the same global batch is converted for this one."""
+    if not training_args.do_train:
         return training_args.resume_from_checkpoint, False
-    last = latest_complete_checkpoint(training_args.output_dir)
+    last = training_args.resume_from_checkpoint or latest_complete_checkpoint(training_args.output_dir)
     if last is None:
         return None, False
+    last = Path(last)
+    check_same_run(last, settings)
     state = outputs.read_json(last / outputs.TRAINER_STATE_FILE)
     step = state["global_step"]
     if training_args.max_steps > 0:
@@ -81,17 +85,25 @@ def checkpoint_to_resume(training_args: TrainingArguments) -> tuple[str | None, 
     if finished:
         log.info("training finished at step %d (%s): nothing is trained again; only what is missing of the final "
                  "model, evaluation and report is completed", step, last)
-    else:
-        log.info("resuming from %s", last)
-    return str(last), finished
+        return str(last), True
+    before = outputs.run_settings(last)
+    if before is not None and before["world_size"] != settings["world_size"]:
+        log.info("resuming from %s, written by %s (%s), on %s (%s): the same global batch of %d sequences a step",
+                 last, ranks(before["world_size"]), batch_split(before), ranks(settings["world_size"]),
+                 batch_split(settings), global_batch(settings))
+        return str(universal_checkpoint(last, training_args)), False
+    log.info("resuming from %s", last)
+    return str(last), False
 
 
-def record_run(training_args: TrainingArguments, settings: dict, swanlab_run_mode: str | None, config: dict) -> None:
-    """On the first process: save the settings a rerun must match to resume, and start the swanlab run."""
-    if training_args.process_index != 0:
-        return
-    save_run_settings(training_args.output_dir, settings)
-    if swanlab_run_mode:
+def batch_split(settings: dict) -> str:
+    return f"{settings['per_device_train_batch_size']} sequences × {settings['gradient_accumulation_steps']} " \
+           "accumulation steps each"
+
+
+def start_tracking(training_args: TrainingArguments, swanlab_run_mode: str | None, config: dict) -> None:
+    """On the first process: start the swanlab run (or continue it)."""
+    if training_args.process_index == 0 and swanlab_run_mode:
         start_swanlab(training_args.output_dir, training_args.run_name, config=config, mode=swanlab_run_mode)
 
 
@@ -130,12 +142,7 @@ def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, e
             if training_args.process_index == 0:
                 export_model(Path(resume_from), output_dir)
             log.info("final model of step %d: %s", trainer.state.global_step, output_dir)
-        if evaluating and outputs.read_json(output_dir / outputs.EVAL_RESULTS_FILE) is None:
-            # The Trainer evaluates through DeepSpeed only after training (ZeRO-2 has no inference mode).
-            log.warning("the closing evaluation of step %d is missing (the evaluations during training are in %s); "
-                        "`python evaluate.py --model_path %s` scores a pretrained model", trainer.state.global_step,
-                        outputs.TRAINER_STATE_FILE, output_dir)
-        evaluating = False
+        evaluating &= outputs.read_json(output_dir / outputs.EVAL_RESULTS_FILE) is None  # the closing one is missing
     elif training_args.do_train:
         with one_line_on_failure(training_args):
             result = trainer.train(resume_from_checkpoint=resume_from)

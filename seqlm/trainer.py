@@ -23,10 +23,11 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class SafeTrainer(Trainer):
-    def __init__(self, *args, seq_len: int | None = None, **kwargs):
-        """seq_len: tokens per training sequence, for the MFU estimate."""
+    def __init__(self, *args, run_settings: dict | None = None, seq_len: int | None = None, **kwargs):
+        """run_settings: what a rerun must match to resume (seqlm.preflight); seq_len: tokens per training sequence,
+        for the MFU estimate."""
         super().__init__(*args, **kwargs)
-        make_checkpoints_crash_safe(self)
+        make_checkpoints_crash_safe(self, run_settings)
         self.resumed_from: tuple[str, int] | None = None  # the checkpoint and its step
         self.nan_skips = self.nan_skips_in_a_row = 0
         self.throughput = ThroughputCallback(seq_len, getattr(self.args, "peak_tflops", None))
@@ -69,9 +70,14 @@ class SafeTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         start = time.perf_counter()
+        # Before any training (the closing evaluation of a finished run), the Trainer would start DeepSpeed's inference
+        # engine, which only ZeRO-3 has: the model evaluates as it is, each rank its share, as it does after training.
+        without_engine = self.is_deepspeed_enabled and self.deepspeed is None
+        self.is_deepspeed_enabled &= not without_engine
         try:
             return super().evaluate(*args, **kwargs)
         finally:
+            self.is_deepspeed_enabled |= without_engine
             self.throughput.exclude(time.perf_counter() - start)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -120,3 +120,27 @@ def data(tmp_path_factory):
                 train=write_jsonl(root / "train.jsonl", docs[:300]),
                 val=write_jsonl(root / "val.jsonl", docs[300:330]),
                 small=write_jsonl(root / "small.jsonl", docs[400:440]))
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    """A tiny "pretrained" checkpoint (random weights, saved as pretrain.sh saves one) and demo conversations, for
+    finetune.sh (helpers.finetune_sh): train (400) and val (40)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from seqlm.conversation import parse_conversation
+    from seqlm.demo import write_demo_conversations
+    from seqlm.model import load_config
+    from seqlm.subset import make_subset
+    from seqlm.tokenizer import offline_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(load_config("tiny")).save_pretrained(root / "pretrained")
+    tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
+    tokenizer.eos_token = "<|endoftext|>"  # what pretraining saves: documents end with it
+    tokenizer.save_pretrained(root / "pretrained")
+    write_demo_conversations(root / "all.jsonl")
+    make_subset(root / "all.jsonl", root / "train.jsonl", 400, root / "val.jsonl", 40, parse=parse_conversation)
+    return root

@@ -1,21 +1,28 @@
 """Helpers shared by tests: running the training scripts through the real DeepSpeed launcher on CPU ranks, and
 variants of the real Qwen tokenizer."""
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from seqlm.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus  # noqa: F401 (free_port: for tests)
+from seqlm.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
 IM_END = 151645  # <|im_end|>: the end of a chat turn
 BLOCK = 128
 TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5"]
+TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
+            "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
+            "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true"]
 
 
 def assert_rate_is_true(build_output: str) -> None:
@@ -39,6 +46,37 @@ def pretrain_sh(data, output_dir: Path, *args: str, expect_ok=True, **kwargs) ->
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+def finetune_command(data: Path, output_dir: Path, *args: str, ranks: int = 1) -> tuple[list[str], dict]:
+    """The `bash finetune.sh` command line and environment of a CPU run on `data` (conftest's sft_data)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MODEL": str(data / "pretrained"), "TRAIN_FILE": str(data / "train.jsonl"),
+           "VALIDATION_FILE": str(data / "val.jsonl"), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
+           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": "offline"}
+    env.pop("OMP_NUM_THREADS", None)
+    return ["bash", str(REPO / "finetune.sh"), "--token_cache_dir", str(data / "token_cache"), *args], env
+
+
+def finetune_sh(data: Path, output_dir: Path, *args: str, ranks: int = 1) -> str:
+    """Run finetune.sh to the end; returns its output (stdout + stderr)."""
+    command, env = finetune_command(data, output_dir, *args, ranks=ranks)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def run_until(command: list[str], env: dict, appears: Path) -> None:
+    """Start a training command and kill -9 its whole process tree as soon as `appears` exists."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not appears.exists():
+        assert proc.poll() is None, f"the run ended before {appears} appeared"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def trainer_state(output_dir: Path) -> dict:

@@ -35,14 +35,30 @@ from seqlm.model import load_config, parameter_count
 from seqlm.outputs import read_samples
 from seqlm.token_cache import BlockDataset, TokenCache
 
+TRAINED = [*TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_steps", "15", "--save_steps", "15",
+           "--max_eval_samples", "16", "--peak_tflops", "1"]  # a CPU has no known peak: give one, so MFU is logged
+
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_steps", "15",
-                      "--save_steps", "15", "--max_eval_samples", "16",
-                      "--peak_tflops", "1")  # a CPU has no known peak: give one, so MFU is logged
+    log = pretrain_sh(data, out, *TRAINED)
     return out, log
+
+
+def test_a_finished_run_killed_before_its_closing_evaluation_completes_it(data, trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    for name in ("eval_results.json", "all_results.json", "report.md"):
+        (out / name).unlink()
+    weights = (out / "model.safetensors").read_bytes()
+    log = pretrain_sh(data, out, *TRAINED)
+    assert "nothing is trained again" in log
+    ours, theirs = (json.loads((d / "eval_results.json").read_text()) for d in (out, trained[0]))
+    assert set(theirs) <= set(ours)  # and the Trainer's eval_model_preparation_time: it prepared the plain model
+    for key in ("eval_loss", "eval_bits_per_char", "eval_bits_per_byte", "eval_perplexity"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key  # the same weights, without DeepSpeed's engine
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "report.md").is_file()
 
 
 def test_training_lowers_held_out_loss(trained):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, swanlab_runs, trainer_state
+from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
 from safetensors.torch import load_file
 
 from seqlm.checkpoints import latest_complete_checkpoint
@@ -23,20 +23,6 @@ from seqlm.outputs import COMPLETE_MARKER as MARKER
 from seqlm.preflight import CHECKPOINT_BYTES_PER_PARAMETER, check_disk, check_disk_space
 
 RUN = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "16"]
-
-
-def run_until(data, out: Path, appears: Path, *args: str) -> None:
-    """Start pretrain.sh and kill -9 its whole process tree as soon as `appears` exists."""
-    command, env = pretrain_command(data, out, *args)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not appears.exists():
-        assert proc.poll() is None, f"the run ended before {appears} appeared"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -52,8 +38,8 @@ def uninterrupted(data, tmp_path_factory):
 
 def test_kill_9_twice_then_rerun_gives_the_uninterrupted_result(data, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    run_until(data, out, out / "checkpoint-8", *RUN)  # most likely in the middle of writing checkpoint-8
-    run_until(data, out, out / "checkpoint-12" / MARKER, *RUN)  # just after a complete save
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-8")  # most likely while writing checkpoint-8
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-12" / MARKER)  # just after a complete save
     log = pretrain_sh(data, out, *RUN)
     assert "resuming from" in log and "checkpoint-12" in log
     assert losses(out) == losses(uninterrupted) and len(losses(out)) == 16
@@ -199,10 +185,10 @@ def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
     os.kill(rank_1, signal.SIGKILL)
     assert proc.wait(timeout=300) != 0
     log = (tmp_path / "log.txt").read_text()
+    newest = max((p.parent for p in out.glob(f"checkpoint-*/{MARKER}")), key=lambda p: int(p.name.split("-")[1]))
     assert log.splitlines()[-1] == (
         f"error: rank 1 on {socket.gethostname()} died (exit code -9, killed: out of memory, or kill -9) and the "
-        "launcher stopped the others: rerunning the same command resumes from the newest complete checkpoint"), \
-        log[-3000:]
+        f"launcher stopped the others: rerunning the same command resumes from {newest}"), log[-3000:]
 
 
 def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
@@ -288,9 +274,11 @@ def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path):
 
 
 def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path):
-    result = pretrain_py(data, tmp_path, "--output_dir", str(uninterrupted), "--block_size", "64")
+    result = pretrain_py(data, tmp_path, "--output_dir", str(uninterrupted), "--block_size", "64",
+                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
     assert result.returncode == 2
-    assert "holds checkpoints of a run with other settings (block_size: 128 then, 64 now)" in result.stdout
+    assert (f"{uninterrupted / 'checkpoint-16'} was written by a run with other settings (block_size: 128 then, 64 "
+            "now): use another --output_dir, or the same settings to resume") in result.stdout
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(data, tmp_path):

@@ -7,7 +7,6 @@ up to its newline, the content up to `<|im_end|>`), and ids are compared with th
 import hashlib
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,17 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENDOFTEXT, IM_END, REPO, assert_rate_is_true, free_port, swanlab_runs, trainer_state
+from helpers import ENDOFTEXT, IM_END, REPO, TINY_SFT, assert_rate_is_true, finetune_sh, swanlab_runs, trainer_state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqlm.conversation import parse_conversation
 from seqlm.corpus import BadLine
-from seqlm.demo import write_demo_conversations
-from seqlm.model import load_config
 from seqlm.outputs import read_samples
 from seqlm.sft import LengthGroupedSampler, PadToLongest, prepare_chat_tokenizer
 from seqlm.sft_cache import IGNORE_INDEX, ChatMLEncoder, ConversationDataset, build_sft_cache
-from seqlm.subset import make_subset
 from seqlm.tokenizer import offline_tokenizer_dir
 
 SYSTEM = "你是一个乐于助人的助手。"
@@ -306,37 +302,6 @@ def test_a_large_file_is_streamed_in_bounded_memory(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------- finetune.sh end to end
-
-
-TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
-            "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
-            "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true"]
-
-
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory):
-    """A tiny "pretrained" checkpoint (random weights, saved as pretrain.sh saves one) and demo conversations."""
-    root = tmp_path_factory.mktemp("sft")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(load_config("tiny")).save_pretrained(root / "pretrained")
-    tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
-    tokenizer.eos_token = "<|endoftext|>"  # what pretraining saves: documents end with it
-    tokenizer.save_pretrained(root / "pretrained")
-    write_demo_conversations(root / "all.jsonl")
-    make_subset(root / "all.jsonl", root / "train.jsonl", 400, root / "val.jsonl", 40, parse=parse_conversation)
-    return root
-
-
-def finetune_sh(data: Path, output_dir: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MODEL": str(data / "pretrained"), "TRAIN_FILE": str(data / "train.jsonl"),
-           "VALIDATION_FILE": str(data / "val.jsonl"), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": "1",
-           "MASTER_PORT": str(free_port()), "SWANLAB_MODE": "offline"}
-    env.pop("OMP_NUM_THREADS", None)
-    result = subprocess.run(["bash", str(REPO / "finetune.sh"), "--token_cache_dir", str(data / "token_cache"), *args],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
