@@ -65,10 +65,11 @@ def choose_attention(device: Device, given: str | None) -> tuple[str, str]:
     """(the attention implementation, why)."""
     if given:
         return given, "as given by --attn_implementation"
+    if not device.is_gpu:
+        return "sdpa", "no GPU"
     if device.runs_flash_attention:
         return "flash_attention_2", "installed, and the GPU runs it"
-    reason = "not installed" if device.has_bf16 or not device.is_gpu else "it needs compute capability 8.0"
-    return "sdpa", f"flash-attention 2: {reason}"
+    return "sdpa", f"flash-attention 2: {'not installed' if device.has_bf16 else 'it needs compute capability 8.0'}"
 
 
 def global_batch_size(training_args) -> int:
@@ -183,9 +184,9 @@ def fit_to_device(config: PretrainedConfig, block_size: int, training_args, mode
         why = (f"estimated {shape.plan.total / GB:.1f} GB, within {MEMORY_MARGIN:.0%} of the GPU's "
                f"{device.memory_bytes / GB:.1f} GB")
     chosen = "chosen" if training_args.per_device_train_batch_size == "auto" else "given"
-    log.info("global batch %d sequences of %d tokens = micro-batch %d (%s) x %d accumulation steps x %d ranks; %s "
+    log.info("global batch %d sequences of %d tokens = micro-batch %d (%s) x %d accumulation steps x %d rank%s; %s "
              "(%s)", global_batch, block_size, shape.micro_batch, chosen, shape.accumulation, world_size,
-             shape.savings(), why)
+             "s" if world_size > 1 else "", shape.savings(), why)
     return dataclasses.replace(
         training_args, bf16=precision == "bf16", fp16=precision == "fp16", global_batch_size=global_batch,
         per_device_train_batch_size=shape.micro_batch, gradient_accumulation_steps=shape.accumulation,
