@@ -181,8 +181,9 @@ def fit_to_device(config: PretrainedConfig, block_size: int, training_args, mode
     if shape.plan is None:
         why = "no GPU to plan for"
     else:
-        why = (f"estimated {shape.plan.total / GB:.1f} GB, within {MEMORY_MARGIN:.0%} of the GPU's "
-               f"{device.memory_bytes / GB:.1f} GB")
+        within = shape.plan.total <= MEMORY_MARGIN * device.memory_bytes  # a given micro-batch may not fit
+        why = (f"estimated {shape.plan.total / GB:.1f} GB, {'within' if within else 'more than'} {MEMORY_MARGIN:.0%} "
+               f"of the GPU's {device.memory_bytes / GB:.1f} GB")
     chosen = "chosen" if training_args.per_device_train_batch_size == "auto" else "given"
     log.info("global batch %d sequences of %d tokens = micro-batch %d (%s) x %d accumulation steps x %d rank%s; %s "
              "(%s)", global_batch, block_size, shape.micro_batch, chosen, shape.accumulation, world_size,
