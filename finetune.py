@@ -22,7 +22,8 @@ from seqlm.arguments import (
     SFTDataArguments,
 )
 from seqlm.benchmark_callback import BenchmarkCallback
-from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
+from seqlm.fit import fit_to_device
+from seqlm.memory import check_gpu_memory
 from seqlm.model import build_model, check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.outputs import FINE_TUNING
@@ -60,7 +61,6 @@ def main() -> None:
         check_readable(data_args.train_files + data_args.validation_files, hint=(
             "fetch BELLE with `python download_dataset.py --sft` (and cut a subset with `python make_subset.py "
             "--schema sft`), or pass TRAIN_FILE= / --train_files"))
-        check_ds_config(training_args)
         if model_path == str(paths.PRETRAIN_OUTPUT) and not Path(model_path).is_dir():
             raise ValueError(f"no pretrained model in {model_path}: pretrain first (`bash pretrain.sh`), or pass "
                              "MODEL= / --model_name_or_path")
@@ -76,11 +76,13 @@ def main() -> None:
         benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.max_length,
                                                 separator_id=document_separator(config))
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
+        # Precision, attention and the batch shape from the device: the checks below see the final ones. Batches are
+        # padded to their longest: at worst --max_length.
+        training_args = fit_to_device(config, data_args.max_length, training_args, model_args)
+        check_ds_config(training_args)
         settings = sft_run_settings(model_path, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit)
-        # Batches are padded to their longest: at worst --max_length.
-        resolve_activation_checkpointing(config, data_args.max_length, training_args)
         check_gpu_memory(config, data_args.max_length, training_args)
         resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:

@@ -41,7 +41,9 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; pri
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-    DEVICE_ARGS=(--bf16 true)
+    # Precision, like the batch shape, is chosen by the training script from the card (seqlm/fit.py): bf16 is not
+    # on every GPU.
+    DEVICE_ARGS=()
 else
     # CPU ranks: gloo backend, fp32; the launcher leaves OMP_NUM_THREADS unset, so share the cores out here.
     NUM_GPUS=${NUM_GPUS:-1}

@@ -19,7 +19,8 @@ from seqlm.arguments import (
 )
 from seqlm.benchmark_callback import BenchmarkCallback
 from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
-from seqlm.memory import check_gpu_memory, resolve_activation_checkpointing
+from seqlm.fit import fit_to_device
+from seqlm.memory import check_gpu_memory
 from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
 from seqlm.outputs import PRETRAINING
 from seqlm.preflight import check_disk, check_ds_config, check_readable, run_settings
@@ -55,17 +56,18 @@ def main() -> None:
         check_readable(data_args.train_files + (data_args.validation_files if evaluating else []), hint=(
             "make it with `python download_dataset.py && python make_subset.py` (or `make demo` for the offline "
             "sample), or pass --train_files / --validation_files (or --eval_strategy no to train without one)"))
-        check_ds_config(training_args)
         config, tokenizer, separator_id = load_config_and_tokenizer(model_args, data_args.block_size)
         end_text_with_separator(tokenizer, separator_id)
         swanlab_run_mode = swanlab_mode() if "swanlab" in training_args.report_to else None
         samples = SamplesCallback.from_args(sample_args, tokenizer)
         benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.block_size,
                                                 separator_id=separator_id, heldout_file=data_args.validation_files[0])
+        # Precision, attention and the batch shape from the device: the checks below see the final ones.
+        training_args = fit_to_device(config, data_args.block_size, training_args, model_args)
+        check_ds_config(training_args)
         settings = run_settings(config, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit)
-        resolve_activation_checkpointing(config, data_args.block_size, training_args)
         check_gpu_memory(config, data_args.block_size, training_args)
         resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:

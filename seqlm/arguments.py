@@ -13,8 +13,8 @@ from . import paths
 class AttentionArguments:
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on a GPU, "
-                          "else sdpa)."})
+        metadata={"help": "sdpa, flash_attention_2 or eager (default: flash_attention_2 where it is installed and runs: "
+                          "GPUs of compute capability 8.0 or more; else sdpa)."})
 
 
 @dataclass
@@ -87,8 +87,29 @@ class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the defaults of this pipeline: the tutorial's, with its bugs fixed."""
 
     output_dir: str = field(default=str(paths.PRETRAIN_OUTPUT), metadata={"help": "Checkpoints and the final model."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device and micro-step."})
-    gradient_accumulation_steps: int = field(default=16, metadata={"help": "Micro-steps per optimizer step."})
+    per_device_train_batch_size: str = field(  # str: "auto" or a number
+        default="auto", metadata={
+            "help": "Sequences per device and micro-step. auto: the largest that the memory planner fits into the GPU "
+                    "(seqlm/fit.py states the margin) and that divides the global batch; 4 on a CPU."})
+    gradient_accumulation_steps: int = field(
+        default=16, metadata={"help": "Micro-steps per optimizer step (derived from --global_batch_size when the "
+                                      "micro-batch is auto or --global_batch_size is given)."})
+    global_batch_size: int | None = field(
+        default=None, metadata={
+            "help": "Sequences per optimizer step, all ranks together (micro-batch x accumulation x ranks): kept "
+                    "exactly, whatever the GPU. Default: 64 with --per_device_train_batch_size auto, else the given "
+                    "micro-batch x --gradient_accumulation_steps x ranks."})
+    # None: chosen from the GPU by seqlm.fit.fit_to_device; a bare --bf16 / --fp16 still means true.
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Default: on GPUs of compute capability 8.0 or more.",
+                                "nargs": "?", "const": True})
+    fp16: bool | None = field(
+        default=None, metadata={"help": "fp16 mixed precision with dynamic loss scaling. Default: on GPUs without "
+                                        "bf16 (T4, V100, P100, RTX 20xx).", "nargs": "?", "const": True})
+    use_liger_kernel: bool | None = field(
+        default=None, metadata={"help": "Liger's Triton kernels (pip install liger-kernel; CUDA GPUs); its fused "
+                                        "loss never materialises the logits. Default: on only when the run needs it "
+                                        "to fit the GPU.", "nargs": "?", "const": True})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Sequences per device in evaluation."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training subset."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate, after warm-up."})
@@ -121,8 +142,8 @@ class PretrainingArguments(TrainingArguments):
         default=10, metadata={"help": "With --nan_policy skip: stop after more than this many non-finite losses in "
                                       "a row."})
     peak_tflops: float | None = field(
-        default=None, metadata={"help": "Dense bf16 peak of one device in TFLOP/s, for the logged MFU (default: known "
-                                        "for H100/H200/H800/A100/A800/L40/L40S/RTX 4090/5090 and others)."})
+        default=None, metadata={"help": "Dense 16-bit peak of one device in TFLOP/s, for the logged MFU (default: known "
+                                        "for H100/H200/A100/L40S/RTX 5090/4090/3090/2080 Ti/V100/T4/P100 and others)."})
 
     def __post_init__(self):
         # The deprecated alias still wins when given, as in TrainingArguments; here the new name has a default.
@@ -131,9 +152,19 @@ class PretrainingArguments(TrainingArguments):
         value = str(self.activation_checkpointing).lower()
         if value not in ("auto", "true", "false", "yes", "no", "1", "0"):
             raise ValueError(f"--activation_checkpointing {self.activation_checkpointing}: use auto, true or false")
-        # "auto" stays "auto" until the script decides it for this machine (seqlm.memory.resolve_activation_checkpointing)
+        # "auto" stays "auto" until the script decides it for this machine (seqlm.fit.fit_to_device)
         self.activation_checkpointing = "auto" if value == "auto" else value in ("true", "yes", "1")
+        micro_batch = str(self.per_device_train_batch_size).lower()
+        if micro_batch != "auto" and not (micro_batch.isdigit() and int(micro_batch) > 0):
+            raise ValueError(f"--per_device_train_batch_size {self.per_device_train_batch_size}: use auto or a "
+                             "positive number")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"--global_batch_size {self.global_batch_size}: use a positive number of sequences")
+        # TrainingArguments computes with a number; "auto" is restored after it, until fit_to_device decides.
+        self.per_device_train_batch_size = 1 if micro_batch == "auto" else int(micro_batch)
         super().__post_init__()
+        if micro_batch == "auto":
+            self.per_device_train_batch_size = "auto"
 
 
 # ---------------------------------------------------------------- fine-tuning (finetune.py)

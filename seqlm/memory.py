@@ -1,13 +1,14 @@
-"""Per-GPU memory of a bf16 training run, estimated before launch: an OOM should cost seconds, not an hour.
+"""Per-GPU memory of a bf16 or fp16 training run (the same bytes), estimated before launch: an OOM should cost seconds,
+not an hour. seqlm.fit chooses the micro-batch, checkpointing and fused loss from it.
 
     python -m seqlm.memory --config_name qwen2.5-0.5b --block_size 2048 --per_device_train_batch_size 8 \\
         --num_gpus 8 --zero_stage 2 --gpu_memory_gb 80
 
 Four parts, in bytes:
-- weights, gradients and AdamW state, by ZeRO stage (ZeRO paper, section 5: bf16 weights and gradients, an fp32
+- weights, gradients and AdamW state, by ZeRO stage (ZeRO paper, section 5: 16-bit weights and gradients, an fp32
   master copy and two fp32 moments; stages 1 and 2 split the fp32 parts, and stage 2 the gradients, over the GPUs);
 - the activations kept for the backward pass, per token, from the tensors transformers' Qwen2 (and Llama-shaped)
-  layers save in bf16 with sdpa or flash attention (tests/test_memory.py counts them with saved-tensor hooks);
+  layers save in 16 bits with sdpa or flash attention (tests/test_memory.py counts them with saved-tensor hooks);
 - the logits: the loss upcasts them to fp32 and keeps its log-softmax, and the backward adds a gradient of each,
   10 bytes per token and vocabulary entry (151,936 for Qwen): a Liger fused cross-entropy never materialises them;
 - what the CUDA context and the caching allocator take beyond tensors.
@@ -21,9 +22,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PretrainedConfig
 
+from .device import Device
 from .model import load_config, parameter_count
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 GB = 1e9
 CUDA_OVERHEAD = 1.5 * GB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 1.1  # the caching allocator rounds and fragments
-AUTO_HEADROOM = 0.9  # --activation_checkpointing auto turns it off only with this share of the GPU to spare
 MASTER_AND_MOMENTS = 12  # bytes per parameter: fp32 master weights and AdamW's two fp32 moments
 FP32_GRADIENTS = 4
 
@@ -70,19 +70,19 @@ def logged_plan(output: str) -> tuple[float, float] | None:
 
 
 def state_bytes(parameters: int, zero_stage: int | None, world_size: int) -> tuple[float, float]:
-    """(bf16 weights + gradients, fp32 optimizer state) per GPU. zero_stage None: no DeepSpeed, torch autocast
+    """(16-bit weights + gradients, fp32 optimizer state) per GPU. zero_stage None: no DeepSpeed, torch autocast
     (fp32 weights and gradients, bf16 copies of the weights while computing)."""
     if zero_stage is None:
         return (4 + 4 + 2) * parameters, 8 * parameters
     gradients = 2 * parameters / world_size if zero_stage >= 2 else 2 * parameters
-    # DeepSpeed's bf16 optimizers also keep fp32 gradients (of their partition) to step from.
+    # DeepSpeed's ZeRO optimizers (bf16 and fp16 alike) also keep fp32 gradients (of their partition) to step from.
     optimizer = (MASTER_AND_MOMENTS + FP32_GRADIENTS) * parameters
     # Stage 3 splits the weights too; estimated as stage 2 (an upper bound).
     return 2 * parameters + gradients, optimizer / (world_size if zero_stage >= 1 else 1)
 
 
 def layer_activation_bytes(config: PretrainedConfig) -> int:
-    """Bytes one decoder layer keeps per token for the backward pass in bf16 (measured, see tests/test_memory.py):
+    """Bytes one decoder layer keeps per token for the backward pass in bf16 or fp16 (measured in bf16, see tests/test_memory.py):
     its two RMSNorms (fp32 input and bf16 output each: 6h + 6h) and residual inputs, the MLP's gate, up, activation
     and product (4 x 2 bytes x intermediate), q/k/v and the attention output (2 bytes each), fp32 log-sum-exp per
     head."""
@@ -169,44 +169,16 @@ def zero_stage(training_args) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def gpu_memory_bytes(training_args) -> float | None:
-    """This rank's GPU memory; None on CPU. From its properties, not mem_get_info(), which would open a CUDA context
-    on GPU 0 from every rank."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(training_args.device).total_memory
-
-
 def run_settings(config: PretrainedConfig, training_args) -> dict:
     """What the memory of this run depends on besides the batch shape."""
     return dict(world_size=training_args.world_size, zero_stage=zero_stage(training_args),
                 fused_cross_entropy=bool(training_args.use_liger_kernel))
 
 
-def resolve_activation_checkpointing(config: PretrainedConfig, block_size: int, training_args,
-                                     gpu_bytes: float | None = None) -> bool:
-    """Decide --activation_checkpointing auto for this machine, set it in `training_args` and return it: off on a GPU
-    (of `gpu_bytes`, default this rank's) where the plan without it fits with AUTO_HEADROOM to spare (the same run, a
-    third less compute), else on (CPU included). true/false given by the user are kept."""
-    if training_args.activation_checkpointing != "auto":
-        return training_args.activation_checkpointing
-    gpu_bytes = gpu_bytes or gpu_memory_bytes(training_args)
-    if gpu_bytes is None:
-        decision, reason = True, "no GPU to plan for, so the choice that needs the least memory"
-    else:
-        without = plan_memory(config, parameter_count(config), training_args.per_device_train_batch_size, block_size,
-                              checkpointing=False, **run_settings(config, training_args))
-        decision = without.total > AUTO_HEADROOM * gpu_bytes
-        reason = f"without it {without.summary()}, the GPU has {gpu_bytes / GB:.0f} GB"
-    training_args.activation_checkpointing = decision
-    log.info("activation checkpointing %s (--activation_checkpointing auto): %s", "on" if decision else "off", reason)
-    return decision
-
-
 def check_gpu_memory(config: PretrainedConfig, block_size: int, training_args, gpu_bytes: float | None = None) -> None:
     """On a GPU (of `gpu_bytes`, default this rank's), log the plan of this run; warn, with flags that fit, when it
     exceeds the GPU. A warning, not an error: the estimate can be off by a few GB, and the user may know better."""
-    gpu_bytes = gpu_bytes or gpu_memory_bytes(training_args)
+    gpu_bytes = gpu_bytes or Device.of(training_args).memory_bytes
     if gpu_bytes is None:
         return
     parameters = parameter_count(config)

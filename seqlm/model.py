@@ -12,7 +12,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import is_flash_attn_2_available
 
 from . import paths
 from .tokenizer import load_tokenizer
@@ -31,10 +30,6 @@ def parameter_count(config: PretrainedConfig) -> int:
         return AutoModelForCausalLM.from_config(config).num_parameters()
 
 
-def default_attention() -> str:
-    return "flash_attention_2" if torch.cuda.is_available() and is_flash_attn_2_available() else "sdpa"
-
-
 def inference_device() -> tuple[str, torch.dtype]:
     """Where and in what precision chat.py and serve.py run a model on this machine: a GPU in bf16 (fp16 where bf16 is
     not supported), else Apple's GPU or the CPU in fp32."""
@@ -43,8 +38,8 @@ def inference_device() -> tuple[str, torch.dtype]:
     return "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
 
 
-def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn_implementation: str | None) -> PreTrainedModel:
-    attn = attn_implementation or default_attention()
+def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn: str) -> PreTrainedModel:
+    """`attn`: the attention implementation (seqlm.fit.choose_attention)."""
     if model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(model_name_or_path, attn_implementation=attn, dtype=torch.float32)
         log.info("continuing from %s", model_name_or_path)

@@ -9,7 +9,9 @@ import torch
 from helpers import REPO
 from transformers import AutoModelForCausalLM, HfArgumentParser, Qwen2Config
 
-from seqlm.arguments import PretrainingArguments
+from seqlm.arguments import ModelArguments, PretrainingArguments
+from seqlm.device import Device
+from seqlm.fit import fit_to_device
 from seqlm.memory import (
     GB,
     advice,
@@ -17,7 +19,6 @@ from seqlm.memory import (
     largest_micro_batch,
     logged_plan,
     plan_memory,
-    resolve_activation_checkpointing,
     saved_activation_bytes,
 )
 from seqlm.model import load_config, parameter_count
@@ -108,8 +109,7 @@ def test_activation_checkpointing_flags(flags, value):
 
 @pytest.mark.parametrize("flags", [[], ["--activation_checkpointing", "true"]])
 def test_checkpointing_on_a_cpu_is_on_unless_turned_off(flags):
-    args = parse(*flags)
-    assert resolve_activation_checkpointing(load_config("tiny"), 128, args) is True
+    args = fit_to_device(load_config("tiny"), 128, parse(*flags), ModelArguments(), Device("CPU"))
     assert args.activation_checkpointing is True
 
 
@@ -122,23 +122,30 @@ def test_activation_checkpointing_rejects_other_values():
     assert result.stderr.strip() == "--activation_checkpointing sometimes: use auto, true or false"
 
 
+def gpu(gb: float) -> Device:
+    return Device("NVIDIA H200", gb * GB, (9, 0))
+
+
 @pytest.mark.parametrize("gpu_gb, on", [(141, False), (32, True)])
 def test_auto_checkpointing_turns_off_only_when_the_run_fits(gpu_gb, on, caplog):
-    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
+    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"),
+                 "--use_cpu", "true")  # so that the Trainer's own check lets bf16 pass on a machine without the GPU
+    config = load_config("qwen2.5-0.5b")
     with caplog.at_level(logging.INFO):
-        assert resolve_activation_checkpointing(load_config("qwen2.5-0.5b"), 2048, args, gpu_gb * GB) is on
-        check_gpu_memory(load_config("qwen2.5-0.5b"), 2048, args, gpu_gb * GB)
+        args = fit_to_device(config, 2048, args, ModelArguments(), gpu(gpu_gb))
+        check_gpu_memory(config, 2048, args, gpu_gb * GB)
     assert args.activation_checkpointing is on
-    assert f"activation checkpointing {'on' if on else 'off'}" in caplog.text
+    assert f"{'neither' if not on else 'activation checkpointing'}" in caplog.text
     assert "run out of GPU memory" not in caplog.text  # with checkpointing, 4 x 2048 fits 32 GB
 
 
 def test_the_logged_plan_reads_back(caplog):
     """bench/train.py puts the plan of each run beside its measured peak, from the run's log."""
-    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"))
+    args = parse("--per_device_train_batch_size", "4", "--deepspeed", str(REPO / "ds_config_zero2.json"),
+                 "--use_cpu", "true")  # so that the Trainer's own check lets bf16 pass on a machine without the GPU
     config = load_config("qwen2.5-0.5b")
     with caplog.at_level(logging.INFO):
-        resolve_activation_checkpointing(config, 2048, args, 141 * GB)  # 141 GB: checkpointing off
+        args = fit_to_device(config, 2048, args, ModelArguments(), gpu(141))  # 141 GB: checkpointing off
         check_gpu_memory(config, 2048, args, 141 * GB)
     tensors, total = logged_plan(caplog.text)
     plan = plan_memory(config, parameter_count(config), 4, 2048, zero_stage=2, checkpointing=False)
