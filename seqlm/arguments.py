@@ -82,6 +82,9 @@ class BenchmarkArguments:
                                         "first --validation_files)."})
 
 
+BATCH_SHAPE = ("per_device_train_batch_size", "gradient_accumulation_steps")  # "auto" or a number, each
+
+
 @dataclass
 class PretrainingArguments(TrainingArguments):
     """TrainingArguments with the defaults of this pipeline: the tutorial's, with its bugs fixed."""
@@ -91,9 +94,10 @@ class PretrainingArguments(TrainingArguments):
         default="auto", metadata={
             "help": "Sequences per device and micro-step. auto: the largest that the memory planner fits into the GPU "
                     "(seqlm/fit.py states the margin) and that divides the global batch; 4 on a CPU."})
-    gradient_accumulation_steps: int = field(
-        default=16, metadata={"help": "Micro-steps per optimizer step (derived from --global_batch_size when the "
-                                      "micro-batch is auto or --global_batch_size is given)."})
+    gradient_accumulation_steps: str = field(  # str: "auto" or a number
+        default="auto", metadata={
+            "help": "Micro-steps per optimizer step. auto: the global batch over micro-batch x ranks (16 with a given "
+                    "micro-batch and no --global_batch_size). A number needs a number for the micro-batch too."})
     global_batch_size: int | None = field(
         default=None, metadata={
             "help": "Sequences per optimizer step, all ranks together (micro-batch x accumulation x ranks): kept "
@@ -154,17 +158,23 @@ class PretrainingArguments(TrainingArguments):
             raise ValueError(f"--activation_checkpointing {self.activation_checkpointing}: use auto, true or false")
         # "auto" stays "auto" until the script decides it for this machine (seqlm.fit.fit_to_device)
         self.activation_checkpointing = "auto" if value == "auto" else value in ("true", "yes", "1")
-        micro_batch = str(self.per_device_train_batch_size).lower()
-        if micro_batch != "auto" and not (micro_batch.isdigit() and int(micro_batch) > 0):
-            raise ValueError(f"--per_device_train_batch_size {self.per_device_train_batch_size}: use auto or a "
-                             "positive number")
+        micro_batch, accumulation = (str(getattr(self, name)).lower() for name in BATCH_SHAPE)
+        for name, value in zip(BATCH_SHAPE, (micro_batch, accumulation)):
+            if value != "auto" and not (value.isdigit() and int(value) > 0):
+                raise ValueError(f"--{name} {getattr(self, name)}: use auto or a positive number")
+        if micro_batch == "auto" and accumulation != "auto":
+            raise ValueError(f"--gradient_accumulation_steps {accumulation} with --per_device_train_batch_size auto: "
+                             "the accumulation follows from the micro-batch the GPU fits; give the sequences per "
+                             "optimizer step as --global_batch_size instead, or a number for the micro-batch")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"--global_batch_size {self.global_batch_size}: use a positive number of sequences")
-        # TrainingArguments computes with a number; "auto" is restored after it, until fit_to_device decides.
-        self.per_device_train_batch_size = 1 if micro_batch == "auto" else int(micro_batch)
+        # TrainingArguments computes with numbers; "auto" is restored after it, until fit_to_device decides.
+        for name, value in zip(BATCH_SHAPE, (micro_batch, accumulation)):
+            setattr(self, name, 1 if value == "auto" else int(value))
         super().__post_init__()
-        if micro_batch == "auto":
-            self.per_device_train_batch_size = "auto"
+        for name, value in zip(BATCH_SHAPE, (micro_batch, accumulation)):
+            if value == "auto":
+                setattr(self, name, "auto")
 
 
 # ---------------------------------------------------------------- fine-tuning (finetune.py)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_MARGIN = 0.9  # a plan may fill this share of the GPU: the rest absorbs the estimate's error
 DEFAULT_GLOBAL_BATCH_SIZE = 64  # sequences: 4 x 16 on one GPU, the micro-batch and accumulation before auto
+DEFAULT_ACCUMULATION = 16  # with a micro-batch given and no global batch, as before auto
 CPU_MICRO_BATCH = 4  # no memory plan for a CPU: the micro-batch before auto
 # The ways to fit a run into less memory, (activation checkpointing, fused loss), cheapest in compute first:
 # checkpointing recomputes every layer's forward pass (a third more compute); the fused loss recomputes nothing.
@@ -74,12 +75,17 @@ def choose_attention(device: Device, given: str | None) -> tuple[str, str]:
 
 def global_batch_size(training_args) -> int:
     """Sequences per optimizer step, all ranks together: as given, or what the given batch shape makes."""
+    micro, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     if training_args.global_batch_size:
+        if "auto" not in (micro, accumulation) and micro * accumulation * training_args.world_size \
+                != training_args.global_batch_size:
+            raise ValueError(f"--global_batch_size {training_args.global_batch_size} is not --per_device_train_batch_"
+                             f"size {micro} x --gradient_accumulation_steps {accumulation} x {training_args.world_size}"
+                             " ranks: leave out one of them")
         return training_args.global_batch_size
-    if training_args.per_device_train_batch_size == "auto":
+    if micro == "auto":
         return DEFAULT_GLOBAL_BATCH_SIZE
-    return (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            * training_args.world_size)
+    return micro * (DEFAULT_ACCUMULATION if accumulation == "auto" else accumulation) * training_args.world_size
 
 
 def allowed(given: bool | str | None, on: bool, available: bool = True) -> bool:

@@ -212,3 +212,12 @@ def test_launcher_passes_no_precision_flag(tmp_path, gpu, device_flags):
     assert given[:3] == ["--num_gpus", "1", "--master_port"]
     assert given[script + 1:] == [*device_flags, "--learning_rate", "1e-4"]
     assert "--bf16" not in given and "--fp16" not in given
+
+
+def test_a_given_accumulation_is_never_overridden():
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 4 with --per_device_train_batch_size auto"):
+        parse("--gradient_accumulation_steps", "4")
+    with pytest.raises(ValueError, match="--global_batch_size 64 is not --per_device_train_batch_size 2 x "
+                                         "--gradient_accumulation_steps 4 x 1 ranks"):
+        fit_to_device(QWEN, 2048, parse("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
+                                        "--global_batch_size", "64"), ModelArguments(), device=H100)

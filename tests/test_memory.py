@@ -156,7 +156,8 @@ def test_the_logged_plan_reads_back(caplog):
 
 
 def test_a_run_that_cannot_fit_is_warned_with_flags(caplog):
-    args = parse("--per_device_train_batch_size", "16", "--activation_checkpointing", "false")
+    args = parse("--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4",
+                 "--activation_checkpointing", "false")
     with caplog.at_level(logging.INFO):
         check_gpu_memory(load_config("qwen2.5-0.5b"), 2048, args, 24 * GB)
     assert "run out of GPU memory" in caplog.text and "--gradient_accumulation_steps" in caplog.text

@@ -267,8 +267,8 @@ def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path):
     config = json.loads((REPO / "ds_config_zero2.json").read_text())
     config["gradient_accumulation_steps"] = 8
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    result = pretrain_py(data, tmp_path, "--deepspeed", str(tmp_path / "ds.json"), "--gradient_accumulation_steps",
-                         "2", "--output_dir", str(tmp_path / "o"))
+    result = pretrain_py(data, tmp_path, "--deepspeed", str(tmp_path / "ds.json"), "--per_device_train_batch_size",
+                         "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "gradient_accumulation_steps=8 but --gradient_accumulation_steps is 2" in result.stdout
 
