@@ -112,22 +112,23 @@ def damage_newest_checkpoint(out: Path, rng: random.Random) -> str | None:
         return None
     files = sorted(p for p in newest.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER and p.stat().st_size >= 16)
     target = rng.choice(files)
-    with open(target, "r+b") as f:
-        f.seek(target.stat().st_size // 2)
-        chunk = f.read(8)
-        f.seek(target.stat().st_size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    change_bytes(target)
     return str(target.relative_to(out))
+
+
+def change_bytes(path: Path) -> None:
+    """Invert 8 bytes in the middle of `path`, its size kept."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        chunk = f.read(8)
+        f.seek(path.stat().st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def damage_token_cache(cache: Path) -> Path:
     """Change 8 bytes in the middle of the token cache's tokens.bin; the cache folder."""
     tokens = next(cache.glob("*/tokens.bin"))
-    with open(tokens, "r+b") as f:
-        f.seek(tokens.stat().st_size // 2)
-        chunk = f.read(8)
-        f.seek(tokens.stat().st_size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    change_bytes(tokens)
     return tokens.parent
 
 

@@ -25,6 +25,7 @@ from .device import Device
 from .flops import flops_per_token, peak_tflops
 from .memory import GB, MemoryPlan, plan_memory, zero_stage
 from .model import load_config, parameter_count
+from .preflight import ranks
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,9 @@ def fit_to_device(config: PretrainedConfig, block_size: int, training_args, mode
         why = (f"estimated {shape.plan.total / GB:.1f} GB, {'within' if within else 'more than'} {MEMORY_MARGIN:.0%} "
                f"of the GPU's {device.memory_bytes / GB:.1f} GB")
     chosen = "chosen" if training_args.per_device_train_batch_size == "auto" else "given"
-    log.info("global batch %d sequences of %d tokens = micro-batch %d (%s) x %d accumulation steps x %d rank%s; %s "
-             "(%s)", global_batch, block_size, shape.micro_batch, chosen, shape.accumulation, world_size,
-             "s" if world_size > 1 else "", shape.savings(), why)
+    log.info("global batch %d sequences of %d tokens = micro-batch %d (%s) x %d accumulation steps x %s; %s (%s)",
+             global_batch, block_size, shape.micro_batch, chosen, shape.accumulation, ranks(world_size),
+             shape.savings(), why)
     return dataclasses.replace(
         training_args, bf16=precision == "bf16", fp16=precision == "fp16", global_batch_size=global_batch,
         per_device_train_batch_size=shape.micro_batch, gradient_accumulation_steps=shape.accumulation,
