@@ -67,7 +67,7 @@ def main() -> None:
         check_ds_config(training_args)
         settings = run_settings(config, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
-                   training_args.output_dir, training_args.save_total_limit)
+                   training_args.output_dir, training_args.save_total_limit, training_args.save_strategy)
         check_gpu_memory(config, data_args.block_size, training_args)
         resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:

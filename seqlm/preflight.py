@@ -19,6 +19,7 @@ BATCH_KEYS = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
               "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}
 # What a run's global batch is made of; any of them may change on a resume if their product does not.
 GLOBAL_BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
+MODEL_BYTES_PER_PARAMETER = 4  # model.safetensors in fp32 at most
 CHECKPOINT_BYTES_PER_PARAMETER = 20  # fp32 weights (4) + ZeRO's fp32 master copy and Adam moments (12) + 16-bit copy
 
 
@@ -114,13 +115,19 @@ def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:
 
 
 def check_disk(config: PretrainedConfig, corpora: list[str], token_cache_dir: str, output_dir: str,
-               save_total_limit: int | None) -> None:
-    """Room to tokenize the corpora not cached yet (a cache is about the size of its JSON Lines source) and for the
-    checkpoints still to come: --save_total_limit of them are kept, and the next one is written before the oldest
-    goes (so limit + 1 at the peak, fewer those already there); without a limit, at least the next one."""
+               save_total_limit: int | None, save_strategy: str = "steps") -> None:
+    """Room to tokenize the corpora not cached yet (a cache is about the size of its JSON Lines source) and for what
+    the run still writes: --save_total_limit checkpoints are kept, and the next one is written before the oldest
+    goes (so limit + 1 at the peak, fewer those already there); without a limit, at least the next one. The final
+    model is written after the last rotation and is smaller than a checkpoint, so it only counts when no
+    checkpoint is saved at all."""
     uncached = [Path(f) for f in corpora
                 if Path(f).is_file() and not any(Path(token_cache_dir).glob(f"{Path(f).name}-*/manifest.json"))]
     check_disk_space(token_cache_dir, sum(f.stat().st_size for f in uncached), "the token cache")
+    if save_strategy == "no":
+        check_disk_space(output_dir, MODEL_BYTES_PER_PARAMETER * parameter_count(config),
+                         "the final model (--save_strategy no: no checkpoints)")
+        return
     peak = save_total_limit + 1 if save_total_limit else 1
     coming = max(1, peak - len(checkpoints(output_dir)))
     what = f"{'the next checkpoint' if coming == 1 else f'{coming} more checkpoints'} (--save_total_limit " \

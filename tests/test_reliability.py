@@ -295,7 +295,7 @@ def test_too_little_disk_is_refused_before_work(data, tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(ValueError, match="needs about .* GB but only .* GB are free"):
         check_disk_space(tmp_path / "not" / "yet", free + 10**9, "the token cache")
-    check_disk(load_config("qwen2.5-0.5b"), [str(data["train"])], str(tmp_path / "cache"), str(tmp_path / "out"), 3)
+    check_disk(load_config("tiny"), [str(data["train"])], str(tmp_path / "cache"), str(tmp_path / "out"), 3)
 
 
 def test_the_disk_check_counts_every_checkpoint_kept_and_the_next(data, tmp_path):
@@ -308,3 +308,9 @@ def test_the_disk_check_counts_every_checkpoint_kept_and_the_next(data, tmp_path
     check_disk(*args, 1)  # two at the peak: 80%
     with pytest.raises(ValueError, match=r"^4 more checkpoints \(--save_total_limit 3: 4 at the peak\) needs about"):
         check_disk(*args, 3)
+    check_disk(*args, 3, "no")  # no checkpoints: only the final model, 4 of a checkpoint's 20 bytes a parameter
+    config.vocab_size *= 6  # a final model of 2.4 x 4 / 20 = 48% of the free space: fits; 6 x 48% does not
+    check_disk(*args, 3, "no")
+    config.vocab_size *= 6
+    with pytest.raises(ValueError, match=r"^the final model \(--save_strategy no: no checkpoints\) needs about"):
+        check_disk(*args, 3, "no")
