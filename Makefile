@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" bash demo.sh
 
 test: $(VENV)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q tests
+	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf $(VENV) output/demo output/demo-sft data/demo data/token_cache

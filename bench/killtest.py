@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from seqlm.checkpoints import latest_complete_checkpoint
+from seqlm.checkpoints import checkpoints, incomplete_reason, latest_complete_checkpoint
 from seqlm.demo import (
     DEMO_TRAINING,
     copy_offline_tokenizer,
@@ -106,8 +107,9 @@ def after(seconds: float):
 
 
 def damage_newest_checkpoint(out: Path, rng: random.Random) -> str | None:
-    """Change 8 bytes in the middle of a random file of the newest complete checkpoint; its path, or None if none."""
-    newest = latest_complete_checkpoint(out, quiet=True)
+    """Change 8 bytes in the middle of a random file of the checkpoint a rerun would resume from (the newest whose
+    digests match); its path, or None if none."""
+    newest = next((folder for folder in reversed(checkpoints(out)) if incomplete_reason(folder) is None), None)
     if newest is None:
         return None
     files = sorted(p for p in newest.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER and p.stat().st_size >= 16)
@@ -193,7 +195,8 @@ def main() -> int:
         print(f"kill {len(kills)}: {how}; resumes from {latest_complete_checkpoint(interrupted)}", flush=True)
     finished = start(data, interrupted, run, args.ranks).wait() == 0
     output = log.read_text()
-    skipped = output.count("has changed since it was saved (its digest differs)")
+    # Each damaged checkpoint must have been skipped, by name (a rerun names every one it skips, so count folders).
+    skipped = set(re.findall(r"skipping (\S+/checkpoint-\d+): \S+ has changed since it was saved", output))
     dead_rank_lines = output.count(" died (exit code -9, killed: out of memory, or kill -9) and the launcher stopped "
                                    "the others: rerunning the same command resumes from ")
 
@@ -201,14 +204,14 @@ def main() -> int:
     same_weights = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     same_losses = losses(interrupted) == losses(reference)
     rank_kills = sum("only" in k for k in kills)
-    damaged_checkpoints = sum(not d.startswith(str(data["cache"])) for d in damaged)
+    damaged_checkpoints = {str(interrupted / d.split("/")[0]) for d in damaged if not d.startswith(str(data["cache"]))}
     result = dict(ranks=args.ranks, kills=len(kills), during_save=sum(k.startswith("during a save") for k in kills),
                   one_rank_killed=rank_kills, dead_rank_lines=dead_rank_lines, finished=finished, steps=args.steps,
-                  damaged_checkpoints=damaged_checkpoints, damaged_checkpoints_skipped=skipped,
-                  damaged_caches=len(damaged) - damaged_checkpoints, damaged_caches_caught=caches_caught,
+                  damaged_checkpoints=len(damaged_checkpoints), damaged_checkpoints_skipped=len(skipped),
+                  damaged_caches=len(damaged) - len(damaged_checkpoints), damaged_caches_caught=caches_caught,
                   same_losses=same_losses, same_weights=same_weights)
     print(json.dumps(result))
-    caught = skipped >= damaged_checkpoints and caches_caught == len(damaged) - damaged_checkpoints \
+    caught = skipped == damaged_checkpoints and caches_caught == len(damaged) - len(damaged_checkpoints) \
         and dead_rank_lines >= rank_kills
     return 0 if len(kills) == args.kills and finished and same_losses and same_weights and caught else 1
 

@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -103,17 +104,33 @@ def build_corpus_archive():
     return _build_corpus_archive
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """module_tmp(name) -> a new folder for runs a module's tests share. Like tmp_path's (pyproject.toml), these go
+    once the module's tests have all passed: the suite writes tens of GB of checkpoints. A failure's stay."""
+    failed = request.session.testsfailed
+    root = tmp_path_factory.mktemp(request.module.__name__)
+
+    def mktemp(name: str) -> Path:
+        (root / name).mkdir()
+        return root / name
+
+    yield mktemp
+    if request.session.testsfailed == failed:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training data (test_pretrain, test_reliability); the helpers that launch pretrain.sh are in helpers.py.
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(module_tmp):
     """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (40)."""
     from helpers import write_jsonl
 
     from seqlm.demo import copy_offline_tokenizer, demo_documents
 
-    root = tmp_path_factory.mktemp("data")
+    root = module_tmp("data")
     docs = list(demo_documents())
     copy_offline_tokenizer(root / "tokenizer")
     return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
@@ -123,7 +140,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sft_data(tmp_path_factory):
+def sft_data(module_tmp):
     """A tiny "pretrained" checkpoint (random weights, saved as pretrain.sh saves one) and demo conversations, for
     finetune.sh (helpers.finetune_sh): train (400) and val (40)."""
     import torch
@@ -135,7 +152,7 @@ def sft_data(tmp_path_factory):
     from seqlm.subset import make_subset
     from seqlm.tokenizer import offline_tokenizer_dir
 
-    root = tmp_path_factory.mktemp("sft")
+    root = module_tmp("sft")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(load_config("tiny")).save_pretrained(root / "pretrained")
     tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))

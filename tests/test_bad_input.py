@@ -36,11 +36,11 @@ def test_damaged_archive_keeps_nothing_unless_asked(tmp_path, build_corpus_archi
 
 
 @pytest.fixture(scope="module")
-def huge_line_corpus(tmp_path_factory, peoples_daily_texts):
+def huge_line_corpus(module_tmp, peoples_daily_texts):
     """Three documents, the middle one a single line of 50 MB (real text, repeated)."""
     text = "\n".join(peoples_daily_texts)
     huge = (text * (50_000_000 // len(text.encode()) + 1))
-    path = tmp_path_factory.mktemp("huge") / "huge.jsonl"
+    path = module_tmp("huge") / "huge.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for doc in ("第一篇。", huge, "最后一篇。"):
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")

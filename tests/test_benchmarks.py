@@ -39,8 +39,8 @@ DOCS = 160  # shuffled labels: accuracy ~ Binomial(160, 1/2)/160, sd 0.04; 0.5 Â
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, offline_qwen_tokenizer):
-    folder = tmp_path_factory.mktemp("copy_model")
+def checkpoint(module_tmp, offline_qwen_tokenizer):
+    folder = module_tmp("copy_model")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(load_config("tiny"))
     with torch.no_grad():
@@ -213,9 +213,9 @@ def hub_files(b: Benchmark, n: int = 3) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def eval_data(tmp_path_factory) -> Path:
+def eval_data(module_tmp) -> Path:
     """data/eval/ as download_dataset.py --eval leaves it, for every benchmark with hub data."""
-    root = tmp_path_factory.mktemp("eval_data")
+    root = module_tmp("eval_data")
     for b in BENCHMARKS.values():
         if b.repo:
             for name, data in hub_files(b).items():

@@ -15,8 +15,8 @@ from seqlm.tokenizer import offline_tokenizer_dir
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
+def checkpoints(module_tmp):
+    root = module_tmp("checkpoints")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(load_config("tiny"))
     tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))

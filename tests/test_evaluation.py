@@ -39,9 +39,9 @@ def brute_force_text(blocks: list[BlockDataset], n: int, sizes: TokenTextSizes) 
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, offline_qwen_tokenizer, peoples_daily_texts):
+def corpus(module_tmp, offline_qwen_tokenizer, peoples_daily_texts):
     """Two small held-out files, tokenized, and a tiny random model saved as an HF checkpoint with the tokenizer."""
-    root = tmp_path_factory.mktemp("eval")
+    root = module_tmp("eval")
     texts = {"a": peoples_daily_texts[:4], "b": peoples_daily_texts[4:7]}
     files = {name: write_jsonl(root / f"{name}.jsonl", t) for name, t in texts.items()}
     folders = {name: build_token_cache(f, offline_qwen_tokenizer, ENDOFTEXT, root / "cache")

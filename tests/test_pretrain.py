@@ -40,8 +40,8 @@ TRAINED = [*TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_st
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
+def trained(data, module_tmp):
+    out = module_tmp("run") / "out"
     log = pretrain_sh(data, out, *TRAINED)
     return out, log
 

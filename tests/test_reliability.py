@@ -30,8 +30,8 @@ def losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "out"
+def uninterrupted(data, module_tmp):
+    out = module_tmp("straight") / "out"
     pretrain_sh(data, out, *RUN)
     return out
 

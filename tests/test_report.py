@@ -58,9 +58,9 @@ def test_wall_time_adds_up_the_sessions_of_a_resumed_run():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, offline_qwen_tokenizer, peoples_daily_texts):
+def tiny_run(module_tmp, offline_qwen_tokenizer, peoples_daily_texts):
     """4 steps of the plain Trainer with the callbacks this adds to pretrain.py, saved as pretrain.py saves."""
-    root = tmp_path_factory.mktemp("report")
+    root = module_tmp("report")
     out = root / "out"
     model_args, sample_args = ModelArguments(config_name="tiny"), SampleArguments(sample_steps=2,
                                                                                   sample_max_new_tokens=6)
@@ -153,9 +153,9 @@ def test_report_py_on_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
+def pretrained(data, module_tmp):
     """A tiny pretrain.sh run: the real launcher, ZeRO-2, swanlab offline."""
-    out = tmp_path_factory.mktemp("pretrain") / "out"
+    out = module_tmp("pretrain") / "out"
     log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "10", "--eval_on_start", "true", "--eval_steps", "5",
                       "--save_steps", "10", "--max_eval_samples", "8", "--sample_steps", "5",
                       "--sample_max_new_tokens", "8", train=data["small"])

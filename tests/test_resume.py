@@ -56,9 +56,9 @@ def two_nodes(data, out: Path, tmp_path: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory):
+def pretrained(data, module_tmp):
     """Uninterrupted runs on 1 rank, on 2 ranks of one node, and on two nodes of one rank."""
-    root = tmp_path_factory.mktemp("elastic")
+    root = module_tmp("elastic")
     pretrain_sh(data, root / "one_rank", *RUN, *ONE_RANK)
     pretrain_sh(data, root / "two_ranks", *RUN, *TWO_RANKS, ranks=2)
     two_nodes(data, root / "two_nodes", root, *RUN, *TWO_RANKS)

@@ -30,8 +30,8 @@ def tokenizer(offline_qwen_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def blocks(tmp_path_factory, tokenizer, peoples_daily_texts):
-    root = tmp_path_factory.mktemp("samples")
+def blocks(module_tmp, tokenizer, peoples_daily_texts):
+    root = module_tmp("samples")
     corpus = write_jsonl(root / "train.jsonl", peoples_daily_texts[:10])
     return BlockDataset(build_token_cache(corpus, tokenizer, ENDOFTEXT, root / "cache"), 64)
 

@@ -26,10 +26,10 @@ START_TIMEOUT = 180  # seconds: importing torch and transformers on 2 busy cores
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(module_tmp):
     """pretrained/ and sft/, as in test_chat.py; weights drawn wider than the default so that answers change with the
     prompt (a default tiny random model repeats one token whatever it is asked)."""
-    root = tmp_path_factory.mktemp("serve")
+    root = module_tmp("serve")
     torch.manual_seed(0)
     config = load_config("tiny")
     config.initializer_range = 0.2

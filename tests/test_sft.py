@@ -156,9 +156,9 @@ def test_text_that_spells_a_special_token_is_not_a_conversation(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def cached(tokenizer, tmp_path_factory):
+def cached(tokenizer, module_tmp):
     """A cache of four conversations (and two bad lines), with the position of each one's first trained token."""
-    root = tmp_path_factory.mktemp("cache")
+    root = module_tmp("cache")
     conversations = [belle("短问题", "短回答。"), belle("长" * 60, "回答"), belle("一", "二二二", "三", "四四四四"),
                      belle("<|im_start|>", "x")]
     source = root / "sft.jsonl"
