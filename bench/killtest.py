@@ -1,9 +1,10 @@
 """Fault injection: kill -9 a tiny CPU pretraining run at random moments, many times (about half of them while a
 checkpoint is being written), rerun the same `bash pretrain.sh` after each kill, and compare the finished run with an
-uninterrupted one: every logged loss and every final weight must be equal.
+uninterrupted one: every logged loss and every final weight must be equal. The finished command is then run once
+more: it must train nothing and leave the final weights byte for byte.
 
 With --damage P, after a share P of the kills 8 bytes are changed as well (sizes kept), half the time in a random file
-of the newest complete checkpoint (the rerun must skip it, naming the file, and resume from the one before), half
+of the checkpoint a rerun would load (the rerun must skip it, naming the file, and resume from the one before), half
 the time in the token cache (the rerun must stop in one line telling to delete the cache folder; done, and rerun).
 With --ranks 2, half of the kills hit one rank only: the launcher must stop the other, and launch.sh say so in one
 line naming the checkpoint a rerun resumes from.
@@ -194,6 +195,12 @@ def main() -> int:
             how += f", then {folder.name}/tokens.bin changed"
         print(f"kill {len(kills)}: {how}; resumes from {latest_complete_checkpoint(interrupted)}", flush=True)
     finished = start(data, interrupted, run, args.ranks).wait() == 0
+    # The same command once more, as after a kill between the final save and the end: it must train nothing.
+    weights = (interrupted / "model.safetensors").read_bytes() if finished else None
+    before = log.read_text()
+    rerun_trains_nothing = start(data, interrupted, run, args.ranks).wait() == 0 \
+        and "nothing is trained again" in log.read_text()[len(before):] \
+        and (interrupted / "model.safetensors").read_bytes() == weights
     output = log.read_text()
     # Each damaged checkpoint must have been skipped, by name (a rerun names every one it skips, so count folders).
     skipped = set(re.findall(r"skipping (\S+/checkpoint-\d+): \S+ has changed since it was saved", output))
@@ -209,11 +216,12 @@ def main() -> int:
                   one_rank_killed=rank_kills, dead_rank_lines=dead_rank_lines, finished=finished, steps=args.steps,
                   damaged_checkpoints=len(damaged_checkpoints), damaged_checkpoints_skipped=len(skipped),
                   damaged_caches=len(damaged) - len(damaged_checkpoints), damaged_caches_caught=caches_caught,
-                  same_losses=same_losses, same_weights=same_weights)
+                  rerun_trains_nothing=rerun_trains_nothing, same_losses=same_losses, same_weights=same_weights)
     print(json.dumps(result))
     caught = skipped == damaged_checkpoints and caches_caught == len(damaged) - len(damaged_checkpoints) \
         and dead_rank_lines >= rank_kills
-    return 0 if len(kills) == args.kills and finished and same_losses and same_weights and caught else 1
+    return 0 if len(kills) == args.kills and finished and rerun_trains_nothing and same_losses and same_weights \
+        and caught else 1
 
 
 if __name__ == "__main__":
