@@ -9,7 +9,7 @@ the time in the token cache (the rerun must stop in one line telling to delete t
 With --ranks 2, half of the kills hit one rank only: the launcher must stop the other, and launch.sh say so in one
 line naming the checkpoint a rerun resumes from.
 
-    python -m bench.killtest --kills 20 --out output/killtest     # ≈ 10 minutes on 2 CPU cores
+    python -m bench.killtest --kills 20 --out output/killtest     # 33 min on 2 CPU cores shared with other work
     python -m bench.killtest --kills 20 --damage 0.4 --ranks 2 --out output/killtest-2
 """
 import argparse
