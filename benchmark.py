@@ -7,7 +7,7 @@ next to ours. Writes OUTPUT_DIR/benchmarks.json and benchmarks.md.
     python benchmark.py --model_path output/sft --suite cloze     # tasks that move early in training
     python benchmark.py --model_path output/demo --suite local --heldout_file data/demo/val.jsonl
 
-Suites and tasks: seqlm/benchmarks.py. Task data are read from --eval_data_dir only; nothing is downloaded here.
+Suites and tasks: seqlm/evaluation/benchmarks.py. Task data are read from --eval_data_dir only; nothing is downloaded here.
 """
 import os
 
@@ -24,8 +24,12 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from seqlm import outputs, paths  # noqa: E402
-from seqlm.benchmarks import (  # noqa: E402
+from seqlm import (
+    outputs,  # noqa: E402
+    paths,
+)
+from seqlm.data.conversation import is_chat_model  # noqa: E402
+from seqlm.evaluation.benchmarks import (  # noqa: E402
     HELDOUT,
     SUITES,
     average_centered,
@@ -36,8 +40,7 @@ from seqlm.benchmarks import (  # noqa: E402
     write_results,
     write_task_files,
 )
-from seqlm.conversation import is_chat_model  # noqa: E402
-from seqlm.evaluation import score_file  # noqa: E402
+from seqlm.evaluation.heldout import score_file  # noqa: E402
 from seqlm.model import check_compatible, document_separator, load_config  # noqa: E402
 from seqlm.model_folder import check_model_folder  # noqa: E402
 from seqlm.tokenizer import load_tokenizer  # noqa: E402

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from seqlm import paths
-from seqlm.conversation import is_chat_model
+from seqlm.data.conversation import is_chat_model
 from seqlm.model import inference_device
 from seqlm.model_folder import check_model_folder, check_tokenizer_fits
 

@@ -8,7 +8,7 @@ DEMO=data/demo
 OUT=output/demo
 
 echo "== 1. data: a corpus in the seq-monkey schema ({\"text\": ...} per line), the tokenizer, and conversations"
-python -m seqlm.demo "$DEMO"
+python -m seqlm.data.demo "$DEMO"
 
 echo "== 2. subset: 1,700 documents to train on, the next 100 held out"
 python make_subset.py --input "$DEMO/corpus.jsonl" --lines 1700 --output "$DEMO/train.jsonl" \

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from seqlm import paths
-from seqlm.benchmarks import BENCHMARKS
-from seqlm.download import (
+from seqlm.data.download import (
     CORPUS_MD5,
     DownloadError,
     fetch_benchmark_data,
@@ -22,6 +21,7 @@ from seqlm.download import (
     fetch_sft,
     rebase,
 )
+from seqlm.evaluation.benchmarks import BENCHMARKS
 
 
 def main() -> int:
@@ -47,7 +47,8 @@ def main() -> int:
     default = [] if args.eval else ["model", "corpus"]  # what pretraining needs
     sources = [fetchers[name] for name in chosen or default]
     if args.eval:  # one source per benchmark dataset, each failing on its own line
-        sources += [lambda b=b: fetch_benchmark_data(b, rebase(paths.EVAL_DATA_DIR, args.data_dir))
+        sources += [lambda b=b: fetch_benchmark_data(b.repo, b.data_patterns, b.revision,
+                                                        rebase(paths.EVAL_DATA_DIR, args.data_dir))
                     for b in BENCHMARKS.values() if b.repo]
     failed = False
     for fetch in sources:  # one failing source should not stop the others (e.g. hub blocked, ModelScope reachable)

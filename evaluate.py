@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from seqlm import outputs, paths
-from seqlm.evaluation import score_file
+from seqlm.evaluation.heldout import score_file
 from seqlm.model import check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.tokenizer import load_tokenizer

@@ -14,27 +14,28 @@ from torch.utils.data import Subset
 from transformers import set_seed
 
 from seqlm import paths
-from seqlm.arguments import (
+from seqlm.data.conversation import prepare_chat_tokenizer, set_chat_eos
+from seqlm.data.sft_cache import ConversationDataset, build_sft_cache
+from seqlm.evaluation.benchmark_callback import BenchmarkCallback
+from seqlm.evaluation.report import RunRecordCallback
+from seqlm.model import build_model, check_compatible, document_separator, load_config
+from seqlm.model_folder import check_model_folder
+from seqlm.outputs import FINE_TUNING
+from seqlm.tokenizer import load_tokenizer
+from seqlm.training.arguments import (
     BenchmarkArguments,
     FinetuningArguments,
     FinetuningModelArguments,
     SampleArguments,
     SFTDataArguments,
 )
-from seqlm.benchmark_callback import BenchmarkCallback
-from seqlm.fit import fit_to_device
-from seqlm.memory import check_gpu_memory
-from seqlm.model import build_model, check_compatible, document_separator, load_config
-from seqlm.model_folder import check_model_folder
-from seqlm.outputs import FINE_TUNING
-from seqlm.preflight import check_disk, check_ds_config, check_readable, sft_run_settings
-from seqlm.report import RunRecordCallback
-from seqlm.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
-from seqlm.samples import SamplesCallback
-from seqlm.sft import PadToLongest, SFTTrainer, prepare_chat_tokenizer, set_chat_eos
-from seqlm.sft_cache import ConversationDataset, build_sft_cache
-from seqlm.tokenizer import load_tokenizer
-from seqlm.tracking import swanlab_mode
+from seqlm.training.fit import fit_to_device
+from seqlm.training.preflight import check_disk, check_ds_config, check_readable
+from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
+from seqlm.training.samples import SamplesCallback
+from seqlm.training.settings import fine_tuning_settings
+from seqlm.training.sft import PadToLongest, SFTTrainer
+from seqlm.training.tracking import swanlab_mode
 
 log = logging.getLogger("finetune")
 
@@ -80,10 +81,9 @@ def main() -> None:
         # padded to their longest: at worst --max_length.
         training_args = fit_to_device(config, data_args.max_length, training_args, model_args)
         check_ds_config(training_args)
-        settings = sft_run_settings(model_path, data_args, training_args)
+        settings = fine_tuning_settings(model_path, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit, training_args.save_strategy)
-        check_gpu_memory(config, data_args.max_length, training_args)
         resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])

@@ -7,7 +7,7 @@
 #   NUM_GPUS=4 bash finetune.sh --learning_rate 1e-5  # any finetune.py / TrainingArguments flag passes through
 #
 # What to train and where to write, passed on only when set: the defaults (`python finetune.py --help`) live in
-# seqlm/arguments.py and seqlm/paths.py.
+# seqlm/training/arguments.py and seqlm/paths.py.
 #   MODEL            model to fine-tune (--model_name_or_path): a checkpoint folder or hub id; by default what
 #                    pretrain.sh wrote
 #   TRAIN_FILE       conversations, BELLE or `messages` JSON Lines (--train_files)

@@ -41,7 +41,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; pri
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
-    # Precision, like the batch shape, is chosen by the training script from the card (seqlm/fit.py): bf16 is not
+    # Precision, like the batch shape, is chosen by the training script from the card (seqlm/training/fit.py): bf16 is not
     # on every GPU.
     DEVICE_ARGS=()
 else
@@ -88,7 +88,7 @@ died=$(grep -o -m 1 -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]
 if (( code != 0 )) && [[ -n $died ]]; then
     rank=${died#--local_rank=}; rank=${rank%%\'*}; died_code=${died##* = }
     why=$([[ $died_code == -9 ]] && echo "killed: out of memory, or kill -9" || echo "see its lines above")
-    resume=$(python -m seqlm.checkpoints "$@" 2>/dev/null) || resume="the newest complete checkpoint"
+    resume=$(python -m seqlm.training.checkpoints "$@" 2>/dev/null) || resume="the newest complete checkpoint"
     echo "error: rank $rank on $(hostname) died (exit code $died_code, $why) and the launcher stopped the others:" \
          "rerunning the same command resumes from $resume" >&2
 fi

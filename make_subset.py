@@ -11,9 +11,9 @@ import sys
 import time
 
 from seqlm import paths
-from seqlm.conversation import parse_conversation
-from seqlm.corpus import BadLine, CorruptInput, parse_line
-from seqlm.subset import NotEnoughLines, make_subset
+from seqlm.data.conversation import parse_conversation
+from seqlm.data.corpus import BadLine, CorruptInput, parse_line
+from seqlm.data.subset import NotEnoughLines, make_subset
 
 # --schema: how each line is validated, the default files and sizes, and the download_dataset.py flag of the input
 SCHEMAS = {

@@ -10,26 +10,26 @@ import logging
 from torch.utils.data import ConcatDataset, Subset
 from transformers import default_data_collator, set_seed
 
-from seqlm.arguments import (
+from seqlm.data.token_cache import BlockDataset, build_token_cache
+from seqlm.evaluation.benchmark_callback import BenchmarkCallback
+from seqlm.evaluation.heldout import BitsPerCharCallback, EvaluatedText
+from seqlm.evaluation.report import RunRecordCallback
+from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
+from seqlm.outputs import PRETRAINING
+from seqlm.training.arguments import (
     BenchmarkArguments,
     DataTrainingArguments,
     ModelArguments,
     PretrainingArguments,
     SampleArguments,
 )
-from seqlm.benchmark_callback import BenchmarkCallback
-from seqlm.evaluation import BitsPerCharCallback, EvaluatedText
-from seqlm.fit import fit_to_device
-from seqlm.memory import check_gpu_memory
-from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
-from seqlm.outputs import PRETRAINING
-from seqlm.preflight import check_disk, check_ds_config, check_readable, run_settings
-from seqlm.report import RunRecordCallback
-from seqlm.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
-from seqlm.samples import SamplesCallback
-from seqlm.token_cache import BlockDataset, build_token_cache
-from seqlm.tracking import swanlab_mode
-from seqlm.trainer import SafeTrainer
+from seqlm.training.fit import fit_to_device
+from seqlm.training.preflight import check_disk, check_ds_config, check_readable
+from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
+from seqlm.training.samples import SamplesCallback
+from seqlm.training.settings import pretraining_settings
+from seqlm.training.tracking import swanlab_mode
+from seqlm.training.trainer import SafeTrainer
 
 log = logging.getLogger("pretrain")
 
@@ -65,10 +65,9 @@ def main() -> None:
         # Precision, attention and the batch shape from the device: the checks below see the final ones.
         training_args = fit_to_device(config, data_args.block_size, training_args, model_args)
         check_ds_config(training_args)
-        settings = run_settings(config, data_args, training_args)
+        settings = pretraining_settings(config, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit, training_args.save_strategy)
-        check_gpu_memory(config, data_args.block_size, training_args)
         resume_from, finished = checkpoint_to_resume(training_args, settings)  # last: it may convert one
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])

@@ -6,7 +6,7 @@
 #   HOSTFILE=hostfile bash pretrain.sh                # several nodes (see launch.sh for NUM_GPUS, HOSTFILE, MASTER_PORT)
 #
 # What to train on and where to write, passed on only when set: the defaults (`python pretrain.py --help`) live in
-# seqlm/arguments.py and seqlm/paths.py.
+# seqlm/training/arguments.py and seqlm/paths.py.
 #   PRESET           model architecture (--config_name): qwen2.5-0.5b or tiny (CPU), or a config.json
 #   TRAIN_FILE       training corpus (--train_files; make_subset.py writes data/seq_monkey_1M.jsonl)
 #   VALIDATION_FILE  held-out corpus (--validation_files)

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from seqlm import paths
-from seqlm.report import write_report
+from seqlm.evaluation.report import write_report
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """Serve a checkpoint: an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`, streamed or not) and a chat
-page in the browser, on the engine of `transformers serve` (seqlm/serving.py says what is added to it).
+page in the browser, on the engine of `transformers serve` (seqlm/serving/server.py says what is added to it).
 
     python serve.py                                  # output/sft (else output/pretrain) on http://127.0.0.1:8000
     python serve.py --model_path output/pretrain     # a pretrained checkpoint continues text (/v1/completions)
@@ -11,7 +11,7 @@ import argparse
 import ipaddress
 import sys
 
-from seqlm.serving import cannot_listen, default_checkpoint
+from seqlm.serving.server import cannot_listen, default_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main() -> int:
         return 2
     try:
         check_model_folder(args.model_path)
-        from seqlm.serving import ServedModel
+        from seqlm.serving.server import ServedModel
 
         served = ServedModel.from_folder(args.model_path, args.name)
     except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
@@ -63,7 +63,7 @@ def main() -> int:
 
     import uvicorn
 
-    from seqlm.serving import build_app
+    from seqlm.serving.server import build_app
 
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     kind = "chat" if served.chat else "continues text (no chat template): /v1/completions only"

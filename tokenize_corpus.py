@@ -7,9 +7,9 @@ import sys
 
 from transformers import HfArgumentParser
 
-from seqlm.arguments import DataTrainingArguments, ModelArguments
+from seqlm.data.token_cache import BlockDataset, build_token_cache
 from seqlm.model import load_config_and_tokenizer
-from seqlm.token_cache import BlockDataset, build_token_cache
+from seqlm.training.arguments import DataTrainingArguments, ModelArguments
 
 
 def main() -> int:

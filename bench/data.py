@@ -1,5 +1,5 @@
 """The data path, side by side on one corpus: the Qwen tokenizer alone (raw: encode only; raw_ids: reading the ids
-out too), our encoder alone (seqlm.encoder: the same ids from tiktoken), our tokenize + pack (tokenize_corpus.py's
+out too), our encoder alone (seqlm.data.encoder: the same ids from tiktoken), our tokenize + pack (tokenize_corpus.py's
 token cache), and the tutorial's path (datasets' JSON loader, .map(tokenizer) and .map(group_texts), Arrow files of
 input_ids, attention_mask and labels). Each runs in its own process, so its peak memory is its own.
 
@@ -20,10 +20,10 @@ import time
 from itertools import chain
 from pathlib import Path
 
-from seqlm.corpus import iter_texts
-from seqlm.demo import write_demo_corpus
+from seqlm.data.corpus import iter_texts
+from seqlm.data.demo import write_demo_corpus
+from seqlm.evaluation.provenance import provenance
 from seqlm.paths import REPO
-from seqlm.provenance import provenance
 from seqlm.tokenizer import offline_tokenizer_dir
 
 SEPARATOR = 151643  # <|endoftext|>, as pretrain.py separates documents
@@ -60,13 +60,13 @@ def raw_ids(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
 
 
 def encoder(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
-    """Our encoder alone (seqlm.encoder: tiktoken's BPE, the same ids): the ceiling of our path."""
-    from seqlm.encoder import Encoder
+    """Our encoder alone (seqlm.data.encoder: tiktoken's BPE, the same ids): the ceiling of our path."""
+    from seqlm.data.encoder import Encoder
     return _encode_all(corpus, Encoder(load(tokenizer)))
 
 
 def ours(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
-    from seqlm.token_cache import build_token_cache
+    from seqlm.data.token_cache import build_token_cache
     tok = load(tokenizer)
     start = time.perf_counter()
     folder = build_token_cache(corpus, tok, SEPARATOR, workdir)

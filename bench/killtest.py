@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from seqlm.checkpoints import checkpoints, incomplete_reason, latest_complete_checkpoint
-from seqlm.demo import (
+from seqlm.data.demo import (
     DEMO_TRAINING,
     copy_offline_tokenizer,
     demo_documents,
@@ -39,6 +38,7 @@ from seqlm.demo import (
 )
 from seqlm.outputs import COMPLETE_MARKER
 from seqlm.paths import REPO
+from seqlm.training.checkpoints import checkpoints, incomplete_reason, latest_complete_checkpoint
 
 # One port for every run: a killed run cannot remove DeepSpeed's shared-memory buffer, named by the port, so the
 # next run reuses it instead of adding one.

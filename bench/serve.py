@@ -21,10 +21,10 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from seqlm.data.conversation import prepare_chat_tokenizer, set_chat_eos
+from seqlm.evaluation.provenance import provenance
 from seqlm.model import inference_device, load_config
 from seqlm.paths import REPO
-from seqlm.provenance import provenance
-from seqlm.sft import prepare_chat_tokenizer, set_chat_eos
 from seqlm.tokenizer import offline_tokenizer_dir
 
 QUESTION = "请介绍一下长城。"

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from seqlm.demo import write_demo_corpus
+from seqlm.data.demo import write_demo_corpus
+from seqlm.evaluation.provenance import provenance
 from seqlm.paths import REPO
-from seqlm.provenance import provenance
 
 
 def timed(command: list[str] | str, shell: bool = False) -> float:

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqlm.demo import copy_offline_tokenizer, write_demo_corpus
-from seqlm.memory import logged_plan
+from seqlm.data.demo import copy_offline_tokenizer, write_demo_corpus
+from seqlm.evaluation.provenance import provenance
 from seqlm.paths import REPO
-from seqlm.provenance import provenance
+from seqlm.training.memory import logged_plan
 
 LOSS_TOLERANCE = 0.02  # largest relative difference from the tutorial's loss, at any step, that still "matches"
 

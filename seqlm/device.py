@@ -1,4 +1,4 @@
-"""The device a rank trains on, as the choices of seqlm.fit see it: its memory, and what its compute capability and
+"""The device a rank trains on, as the choices of seqlm.training.fit see it: its memory, and what its compute capability and
 the installed packages let it run (bf16, flash-attention 2, Liger's Triton kernels)."""
 from __future__ import annotations
 

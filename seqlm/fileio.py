@@ -86,3 +86,14 @@ def listing_difference(folder: Path, listed: dict[str, dict], changed: str, chec
             if file_digest(folder / name) != entry["xxh3_128"]:
                 return f"{name} {changed}"
     return None
+
+
+def check_disk_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """ValueError in one line unless `needed` bytes are free on the disk `folder` is (or will be) on."""
+    folder = Path(folder)
+    while not folder.exists():  # the output dir may not exist yet: measure the disk it will be on
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"{what} needs about {needed / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free on "
+                         f"{folder}: free some space or choose another location")

@@ -13,8 +13,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from . import paths
-from .tokenizer import load_tokenizer
+from seqlm import paths
+from seqlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def inference_device() -> tuple[str, torch.dtype]:
 
 
 def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn: str) -> PreTrainedModel:
-    """`attn`: the attention implementation (seqlm.fit.choose_attention)."""
+    """`attn`: the attention implementation (seqlm.training.fit.choose_attention)."""
     if model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(model_name_or_path, attn_implementation=attn, dtype=torch.float32)
         log.info("continuing from %s", model_name_or_path)

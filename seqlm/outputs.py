@@ -4,14 +4,14 @@ this one for a file's name or content; none spells a file name of its own.
     OUTPUT_DIR/
       config.json, model.safetensors, tokenizer files   the final model (the Trainer's save_model)
       trainer_state.json, all_results.json               the Trainer's log history and final metrics
-      run_settings.json    the settings of the newest checkpoint, which a rerun must match to resume (seqlm.preflight)
+      run_settings.json    the settings of the newest checkpoint, which a rerun must match to resume (seqlm.training.settings)
       run_info.json        every argument, the command, git commit, libraries, hardware, the held-out set evaluated
-      swanlab_run.json     the swanlab run id, so a rerun continues the same run (seqlm.tracking)
-      samples.jsonl        one record per sampling step (seqlm.samples)
-      report.md, plots/    the run report (seqlm.report)
+      swanlab_run.json     the swanlab run id, so a rerun continues the same run (seqlm.training.tracking)
+      samples.jsonl        one record per sampling step (seqlm.training.samples)
+      report.md, plots/    the run report (seqlm.evaluation.report)
       checkpoint-N/        DeepSpeed + HF checkpoints and their run_settings.json; complete.json once every rank
-                           wrote all of it (seqlm.checkpoints)
-      universal/checkpoint-N/   a checkpoint converted for another number of ranks (seqlm.elastic)
+                           wrote all of it (seqlm.training.checkpoints)
+      universal/checkpoint-N/   a checkpoint converted for another number of ranks (seqlm.training.universal)
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def run_info(output_dir: str | os.PathLike) -> dict | None:
     return read_json(Path(output_dir) / RUN_INFO_FILE)
 
 
-def run_settings(folder: str | os.PathLike) -> dict | None:
+def read_run_settings(folder: str | os.PathLike) -> dict | None:
     """The settings a checkpoint-N folder was written with; those of the newest checkpoint for an output dir. A
     checkpoint of an older version has none of its own: the output dir's are its run's."""
     folder = Path(folder)

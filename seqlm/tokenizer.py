@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from . import paths
+from seqlm import paths
 
 
 def offline_tokenizer_dir() -> Path:

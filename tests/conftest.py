@@ -46,7 +46,7 @@ def offline_qwen_tokenizer():
 @pytest.fixture(scope="session")
 def peoples_daily_texts() -> list[str]:
     """The first PEOPLES_DAILY_DOCS documents of the demo corpus."""
-    from seqlm.demo import demo_documents
+    from seqlm.data.demo import demo_documents
 
     texts = list(itertools.islice(demo_documents(), PEOPLES_DAILY_DOCS))
     assert len(texts) == PEOPLES_DAILY_DOCS
@@ -128,7 +128,7 @@ def data(module_tmp):
     """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (40)."""
     from helpers import write_jsonl
 
-    from seqlm.demo import copy_offline_tokenizer, demo_documents
+    from seqlm.data.demo import copy_offline_tokenizer, demo_documents
 
     root = module_tmp("data")
     docs = list(demo_documents())
@@ -146,10 +146,10 @@ def sft_data(module_tmp):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from seqlm.conversation import parse_conversation
-    from seqlm.demo import write_demo_conversations
+    from seqlm.data.conversation import parse_conversation
+    from seqlm.data.demo import write_demo_conversations
+    from seqlm.data.subset import make_subset
     from seqlm.model import load_config
-    from seqlm.subset import make_subset
     from seqlm.tokenizer import offline_tokenizer_dir
 
     root = module_tmp("sft")

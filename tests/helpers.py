@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from seqlm.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus
+from seqlm.data.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator

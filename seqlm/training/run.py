@@ -1,0 +1,157 @@
+"""What a training script does around the Trainer, the same for pretraining and fine-tuning: read the arguments, set
+up logging, stop on bad input with one line, find the checkpoint to resume from, and train → save → evaluate →
+report."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NoReturn
+
+import transformers
+from transformers import HfArgumentParser, TrainerState, TrainingArguments
+
+from seqlm import outputs
+from seqlm.evaluation.report import write_report
+from seqlm.training.checkpoints import export_model, latest_complete_checkpoint
+from seqlm.training.settings import batch_split, check_same_run, ranks, settings_global_batch
+from seqlm.training.tracking import start_swanlab
+from seqlm.training.trainer import NonFiniteLoss, SafeTrainer
+from seqlm.training.universal import universal_checkpoint
+
+log = logging.getLogger(__name__)
+LOW_DISK = 1e9  # bytes: below this, a failure while training is taken for a full disk
+# What gloo and NCCL say when a peer process is gone
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Socket Timeout")
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input stops the run before any heavy work, with one line that says what and how to fix it."""
+    log.error(message)
+    sys.exit(2)
+
+
+def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
+    """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+        elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
+        else:
+            parsed = parser.parse_args_into_dataclasses()
+    except ValueError as e:  # a value the arguments' own checks refuse: one line, not a traceback
+        fail(str(e).splitlines()[0])
+    for args in parsed:
+        if getattr(args, "hub_token", None):  # huggingface_hub reads it from the environment; saved arguments must not
+            os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
+    return tuple(parsed)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    level = training_args.get_process_log_level()
+    # --log_level passive (the default) is transformers' own: warnings only, which would hide this pipeline's progress
+    # lines (data summary, resuming from, model saved in) too. They are info, on the process that logs.
+    ours = logging.INFO if training_args.log_level == "passive" and training_args.should_log else level
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=ours, handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity(level)
+
+
+def checkpoint_to_resume(training_args: TrainingArguments, settings: dict) -> tuple[str | None, bool]:
+    """(checkpoint, finished): --resume_from_checkpoint when given, else the newest complete checkpoint-N in
+    --output_dir, so that a rerun continues; finished when training had already reached its last step there, so that
+    a rerun of a finished run trains no further. A checkpoint written with other `settings` is refused (ValueError),
+    one written by another number of ranks with the same global batch is converted for this one."""
+    if not training_args.do_train:
+        return training_args.resume_from_checkpoint, False
+    last = training_args.resume_from_checkpoint or latest_complete_checkpoint(training_args.output_dir)
+    if last is None:
+        return None, False
+    last = Path(last)
+    check_same_run(last, settings)
+    state = outputs.read_json(last / outputs.TRAINER_STATE_FILE)
+    step = state["global_step"]
+    if training_args.max_steps > 0:
+        finished = step >= training_args.max_steps
+    else:  # the same data (run_settings.json), so the same number of steps an epoch
+        finished = step >= state["max_steps"] and training_args.num_train_epochs <= state["num_train_epochs"]
+    if finished:
+        log.info("training finished at step %d (%s): nothing is trained again; only what is missing of the final "
+                 "model, evaluation and report is completed", step, last)
+        return str(last), True
+    before = outputs.read_run_settings(last)
+    if before is not None and before["world_size"] != settings["world_size"]:
+        log.info("resuming from %s, written by %s (%s), on %s (%s): the same global batch of %d sequences a step",
+                 last, ranks(before["world_size"]), batch_split(before), ranks(settings["world_size"]),
+                 batch_split(settings), settings_global_batch(settings))
+        return str(universal_checkpoint(last, training_args)), False
+    log.info("resuming from %s", last)
+    return str(last), False
+
+
+
+
+def start_tracking(training_args: TrainingArguments, swanlab_run_mode: str | None, config: dict) -> None:
+    """On the first process: start the swanlab run (or continue it)."""
+    if training_args.process_index == 0 and swanlab_run_mode:
+        start_swanlab(training_args.output_dir, training_args.run_name, config=config, mode=swanlab_run_mode)
+
+
+@contextmanager
+def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
+    """Failures an operator meets on a long run end in one line that says what happened and what to do: a non-finite
+    loss, a full disk, another rank that died. A rerun of the same command resumes from the newest complete
+    checkpoint; an unfinished one is skipped."""
+    try:
+        yield
+    except NonFiniteLoss as e:
+        fail(str(e))
+    except (OSError, RuntimeError) as e:
+        last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
+        resume = f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
+        free = shutil.disk_usage(training_args.output_dir).free
+        # torch.save on a full disk says no more than "file write failed" or "unexpected pos": go by the free space.
+        if getattr(e, "errno", None) == errno.ENOSPC or free < LOW_DISK:
+            error = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+            fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free; the error: {error}): "
+                 f"free some space or point --output_dir elsewhere; {resume}")
+        if any(sign in str(e) for sign in PEER_GONE):
+            fail(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another rank, "
+                 f"which stopped (its own lines above say why): {resume}")
+        raise
+
+
+def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,
+                       resume_from: str | None, finished: bool) -> None:
+    """Train (or, for a finished run, take the final model from its last checkpoint), save, evaluate, report."""
+    output_dir = Path(training_args.output_dir)
+    if finished:
+        trainer.state = TrainerState.load_from_json(str(Path(resume_from) / outputs.TRAINER_STATE_FILE))
+        final = outputs.read_json(output_dir / outputs.TRAINER_STATE_FILE)
+        if final is None or final["global_step"] != trainer.state.global_step:
+            if training_args.process_index == 0:
+                export_model(Path(resume_from), output_dir)
+            log.info("final model of step %d: %s", trainer.state.global_step, output_dir)
+        evaluating &= outputs.read_json(output_dir / outputs.EVAL_RESULTS_FILE) is None  # the closing one is missing
+    elif training_args.do_train:
+        with one_line_on_failure(training_args):
+            result = trainer.train(resume_from_checkpoint=resume_from)
+            trainer.save_model()  # model + tokenizer, safetensors, loadable by stock from_pretrained
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if evaluating:
+        metrics = trainer.evaluate()  # ThroughputCallback adds eval_perplexity
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.process_index == 0:
+        log.info("model saved in %s", training_args.output_dir)
+        if training_args.do_train:
+            log.info("report: %s", write_report(training_args.output_dir))

@@ -1,0 +1,303 @@
+"""download_dataset.py / seqlm.data.download against a local stand-in for the Hugging Face hub and ModelScope.
+
+The stand-in answers only the requests huggingface_hub 2.4 makes here (read from its source): GET
+/api/{models,datasets}/<repo>[/revision/<rev>] (repo info: sha), GET /api/{models,datasets}/<repo>/tree/<sha> (file
+listing), HEAD+GET /[datasets/]<repo>/resolve/<sha>/<file> (X-Repo-Commit, ETag, Content-Length), and
+GET /api/agent-harnesses (a registry huggingface_hub fetches once a day to fill its User-Agent); plus ModelScope's
+file API with Range support. No network is needed.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from seqlm.data import download  # noqa: E402
+from seqlm import paths
+
+SCRIPT = REPO / "download_dataset.py"
+SHA = "4f2c1c8e6b1d3a5f7e9d0b2a4c6e8f0a1b3d5c7e"  # the fake repos' commit
+TOKEN = "hf_fakeTokenThatMustNeverBePrinted"
+MODEL = {name: json.dumps({"file": name}).encode() for name in download.MODEL_FILES}
+MODEL |= {"merges.txt": b"#version: 0.2\n\xc4\xa0 t\n", "model.safetensors": bytes(range(256)) * 64,
+          "README.md": b"# fake\n"}
+SFT_NAME = paths.SFT_FILE.name
+REPOS = {
+    ("models", download.MODEL_REPO): MODEL,
+    ("datasets", download.SFT_REPO): {SFT_NAME: '{"instruction": "你好", "output": "你好！"}\n'.encode() * 100},
+}
+CORPUS = random.Random(0).randbytes(300_000)
+CORPUS_PATH = f"/api/v1/datasets/{download.CORPUS_DATASET}/repo"
+CORPUS_QUERY = f"Revision=master&FilePath={paths.CORPUS_ARCHIVE.name}"
+API = re.compile(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?")
+RESOLVE = re.compile(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:
+        self.serve(body=False)
+
+    def do_GET(self) -> None:
+        self.serve(body=True)
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def serve(self, body: bool) -> None:
+        self.server.seen.append((self.command, self.path, self.headers))
+        path, _, query = self.path.partition("?")
+        if path == CORPUS_PATH and query == CORPUS_QUERY:
+            return self.send(CORPUS, body, ranges=not self.server.ignore_range, cut=self.server.cut_after)
+        if path == "/api/agent-harnesses":
+            return self.send(b'{"standardEnvVars": [], "harnesses": {}}', body, {"Content-Type": "application/json"})
+        if (m := API.fullmatch(path)) and (files := REPOS.get(m.group(1, 2))):
+            _, repo, endpoint, _ = m.groups()
+            if endpoint != "tree":
+                info = {"id": repo, "sha": SHA, "siblings": [{"rfilename": name} for name in files]}
+            else:  # tree, as listed by list_repo_tree: git blob id, plus LFS metadata for big files
+                info = [{"type": "file", "path": name, "size": len(data), "oid": git_oid(data)} | lfs(name, data)
+                        for name, data in files.items()]
+            return self.send(json.dumps(info).encode(), body, {"Content-Type": "application/json"})
+        if (m := RESOLVE.fullmatch(path)) and (files := REPOS.get(("datasets" if m[1] else "models", m[2]))):
+            name = m[4]
+            if m[3] == SHA and name in files:
+                data = files[name]
+                etag = sha256(data) if is_lfs(name) else git_oid(data)
+                return self.send(data, body, {"X-Repo-Commit": SHA, "ETag": f'"{etag}"'})
+        self.send(b"not found", body, status=404)
+
+    def send(self, data: bytes, body: bool, headers: dict | None = None, status: int = 200, ranges: bool = False,
+             cut: int | None = None) -> None:
+        start = int(m[1]) if ranges and (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        self.send_response(206 if start else status)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start:cut])  # cut: hang up early, as a dropped connection would
+
+
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_lfs(name: str) -> bool:
+    return name.endswith(".safetensors")
+
+
+def lfs(name: str, data: bytes) -> dict:
+    return {"lfs": {"oid": sha256(data), "size": len(data), "pointerSize": 134}} if is_lfs(name) else {}
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    # Isolate the hub cache and token, and keep any proxy settings away from 127.0.0.1.
+    for key in ["HF_HUB_OFFLINE", "HF_ENDPOINT", "MODELSCOPE_DOMAIN", "HF_HUB_ETAG_TIMEOUT"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.seen, srv.ignore_range, srv.cut_after = [], False, None  # seen: (method, path, headers)
+    srv.url = f"http://127.0.0.1:{srv.server_port}"
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def silent_url():
+    """A server that accepts connections (the kernel does it) but never answers, like a stalled proxy or firewall."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "data"), *args],
+                          env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def served_corpus(srv) -> str:
+    return f"{srv.url}{CORPUS_PATH}?{CORPUS_QUERY}"
+
+
+def resolved(srv) -> list[str]:
+    """Files whose metadata or content was requested."""
+    return [path.rsplit("/", 1)[1] for _, path, _ in srv.seen if "/resolve/" in path]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face hub
+
+
+def test_model_without_weights_then_nothing_again(server, tmp_path):
+    out = cli(tmp_path, "--model", HF_ENDPOINT=server.url)
+    assert out.returncode == 0, out.stderr
+    model_dir = tmp_path / "data" / paths.MODEL_DIR.name
+    for name in download.MODEL_FILES:
+        assert (model_dir / name).read_bytes() == MODEL[name]
+    assert not (model_dir / "model.safetensors").exists() and "model.safetensors" not in resolved(server)
+    assert "README.md" not in resolved(server)
+    assert any(h.get("Authorization") == f"Bearer {TOKEN}" for _, _, h in server.seen)  # HF_TOKEN is used...
+    assert TOKEN not in out.stdout + out.stderr  # ...and never printed
+
+    server.seen.clear()
+    again = cli(tmp_path, "--model", HF_ENDPOINT=server.url)
+    assert again.returncode == 0, again.stderr
+    # Only the repo info call: no file listing, no metadata (HEAD) or content (GET) request for any file.
+    assert [path for _, path, _ in server.seen] == [f"/api/models/{download.MODEL_REPO}"]
+
+
+def test_with_weights_fetches_only_the_weights_on_top(server, tmp_path):
+    assert cli(tmp_path, "--model", HF_ENDPOINT=server.url).returncode == 0
+    server.seen.clear()
+    out = cli(tmp_path, "--model", "--with-weights", HF_ENDPOINT=server.url)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "data" / paths.MODEL_DIR.name / "model.safetensors").read_bytes() == MODEL["model.safetensors"]
+    assert set(resolved(server)) == {"model.safetensors"}
+
+
+def test_sft(server, tmp_path):
+    out = cli(tmp_path, "--sft", HF_ENDPOINT=server.url)
+    assert out.returncode == 0, out.stderr
+    sft_file = tmp_path / "data" / paths.SFT_FILE.relative_to(paths.DATA_DIR)
+    assert sft_file.read_bytes() == REPOS["datasets", download.SFT_REPO][SFT_NAME]
+    assert f"/datasets/{download.SFT_REPO}/resolve/{SHA}/{SFT_NAME}" in [path for _, path, _ in server.seen]
+
+
+@pytest.mark.parametrize("offline", ["closed port", "HF_HUB_OFFLINE=1", "silent server"])
+def test_model_unreachable_is_one_line_and_quick(tmp_path, silent_url, offline):
+    env = {"HF_ENDPOINT": silent_url if offline == "silent server" else closed_url(), "HF_HUB_ETAG_TIMEOUT": "2"}
+    if offline == "HF_HUB_OFFLINE=1":
+        env["HF_HUB_OFFLINE"] = "1"
+    start = time.monotonic()
+    out = cli(tmp_path, "--model", **env)
+    assert out.returncode == 1
+    assert time.monotonic() - start < 60  # seconds (≈ 3 when idle), not minutes of retries; loose for busy machines
+    [line] = out.stderr.splitlines()
+    reason = {"closed port": "ConnectError", "HF_HUB_OFFLINE=1": "OfflineModeIsEnabled", "silent server": "ReadTimeout"}
+    assert line.startswith(f"error: cannot download {download.MODEL_REPO} from the Hugging Face hub")
+    assert f"({reason[offline]})" in line and "HF_ENDPOINT" in line
+    assert ", ".join(download.MODEL_FILES) in line and str(tmp_path / "data" / paths.MODEL_DIR.name) in line
+    assert TOKEN not in out.stdout + out.stderr
+
+
+def test_model_already_there_is_fine_offline(server, tmp_path):
+    assert cli(tmp_path, "--model", HF_ENDPOINT=server.url).returncode == 0
+    out = cli(tmp_path, "--model", HF_ENDPOINT=closed_url())
+    assert out.returncode == 0, out.stderr
+    assert "keeping the files already in" in out.stdout
+
+
+def test_default_is_model_and_corpus_each_failure_on_its_own_line(tmp_path):
+    out = cli(tmp_path, HF_ENDPOINT=closed_url(), MODELSCOPE_DOMAIN=closed_url())
+    assert out.returncode == 1
+    model_line, corpus_line = out.stderr.splitlines()
+    assert download.MODEL_REPO in model_line
+    assert CORPUS_PATH in corpus_line and "(ConnectionError)" in corpus_line
+    assert paths.CORPUS_ARCHIVE.name in corpus_line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ModelScope corpus
+
+
+def test_corpus_url():
+    assert download.corpus_url() == f"https://www.modelscope.cn{CORPUS_PATH}?{CORPUS_QUERY}"
+
+
+def test_corpus_full_download_then_skip(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", server.url)
+    dest = tmp_path / paths.CORPUS_ARCHIVE.name
+    download.fetch_corpus(dest, md5=hashlib.md5(CORPUS).hexdigest())
+    assert dest.read_bytes() == CORPUS and not list(tmp_path.glob("*.partial"))
+    assert "Range" not in server.seen[0][2]
+
+    server.seen.clear()
+    download.fetch_corpus(dest, md5=hashlib.md5(CORPUS).hexdigest())
+    assert server.seen == [] and "already there" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("have, ignore_range", [(100_000, False), (1000, True), (len(CORPUS), False)],
+                         ids=["206 rest of the file", "200 server ignores Range", "416 partial already complete"])
+def test_corpus_resumes_partial(server, tmp_path, have, ignore_range):
+    server.ignore_range = ignore_range
+    dest = tmp_path / paths.CORPUS_ARCHIVE.name
+    # With a server that ignores Range the partial's bytes must be thrown away, so make them wrong.
+    dest.with_name(dest.name + ".partial").write_bytes(b"x" * have if ignore_range else CORPUS[:have])
+    download.fetch_corpus(dest, url=served_corpus(server), md5=hashlib.md5(CORPUS).hexdigest())
+    assert dest.read_bytes() == CORPUS
+    assert [h.get("Range") for _, _, h in server.seen] == [f"bytes={have}-"]
+
+
+def test_corpus_interrupted_then_resumed(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "CHUNK", 10_000)  # several chunks arrive before the hang-up (the one cut is lost)
+    dest = tmp_path / paths.CORPUS_ARCHIVE.name
+    url, md5 = served_corpus(server), hashlib.md5(CORPUS).hexdigest()
+    server.cut_after = 120_000
+    with pytest.raises(download.DownloadError, match="keeps what arrived, rerun to resume"):
+        download.fetch_corpus(dest, url=url, md5=md5)
+    kept = dest.with_name(dest.name + ".partial").read_bytes()
+    assert 100_000 <= len(kept) <= 120_000 and CORPUS.startswith(kept) and not dest.exists()
+    server.cut_after = None
+    download.fetch_corpus(dest, url=url, md5=md5)
+    assert dest.read_bytes() == CORPUS
+    assert server.seen[-1][2].get("Range") == f"bytes={len(kept)}-"
+
+
+def test_corpus_md5_mismatch_keeps_nothing_mislabelled(server, tmp_path):
+    dest = tmp_path / paths.CORPUS_ARCHIVE.name
+    with pytest.raises(download.DownloadError, match=r"MD5 .* expected 0{32}; moved it to .*\.bad"):
+        download.fetch_corpus(dest, url=served_corpus(server), md5="0" * 32)
+    assert not dest.exists() and not dest.with_name(dest.name + ".partial").exists()
+    assert dest.with_name(dest.name + ".bad").read_bytes() == CORPUS
+
+
+def test_corpus_unreachable_is_quick(silent_url, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "TIMEOUT", 0.5)
+    with pytest.raises(download.DownloadError, match=r"cannot download the corpus from .* \(ReadTimeout\)"):
+        download.fetch_corpus(tmp_path / paths.CORPUS_ARCHIVE.name, url=silent_url + "/archive?Signature=secret")
+    with pytest.raises(download.DownloadError) as e:
+        download.fetch_corpus(tmp_path / paths.CORPUS_ARCHIVE.name, url=closed_url() + "/archive?Signature=secret")
+    assert "Signature" not in str(e.value)  # signed query strings stay out of messages
+
+
+def test_corpus_cli_no_verify(server, tmp_path):
+    out = cli(tmp_path, "--corpus", "--no-verify", MODELSCOPE_DOMAIN=server.url)  # our bytes don't match the real MD5
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "data" / paths.CORPUS_ARCHIVE.name).read_bytes() == CORPUS

@@ -1,0 +1,223 @@
+"""Fitting a run to the GPU: precision, attention and the batch shape chosen from a card's properties (memory, compute
+capability) by the real planner, the global batch kept in every case, and the launcher's device flags."""
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+from transformers import HfArgumentParser
+
+from seqlm.device import Device
+from seqlm.model import load_config, parameter_count
+from seqlm.training.arguments import ModelArguments, PretrainingArguments
+from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, choose_precision, fit_to_device
+from seqlm.training.memory import plan_memory
+
+MiB = 2**20
+# name as the driver reports it, memory as nvidia-smi reports it, compute capability
+T4 = Device("Tesla T4", 15360 * MiB, (7, 5))
+V100 = Device("Tesla V100-SXM2-32GB", 32768 * MiB, (7, 0))
+P100 = Device("Tesla P100-PCIE-16GB", 16280 * MiB, (6, 0))
+RTX_2080_TI = Device("NVIDIA GeForce RTX 2080 Ti", 11264 * MiB, (7, 5))
+RTX_3090 = Device("NVIDIA GeForce RTX 3090", 24576 * MiB, (8, 6))
+RTX_4090 = Device("NVIDIA GeForce RTX 4090", 24564 * MiB, (8, 9))
+RTX_5090 = Device("NVIDIA GeForce RTX 5090", 32607 * MiB, (12, 0))
+A100_40 = Device("NVIDIA A100-SXM4-40GB", 40960 * MiB, (8, 0))
+A100_80 = Device("NVIDIA A100-SXM4-80GB", 81920 * MiB, (8, 0))
+H100 = Device("NVIDIA H100 80GB HBM3", 81559 * MiB, (9, 0))
+H200 = Device("NVIDIA H200", 143771 * MiB, (9, 0))
+CARDS = [T4, V100, P100, RTX_2080_TI, RTX_3090, RTX_4090, RTX_5090, A100_40, A100_80, H100, H200]
+QWEN = load_config("qwen2.5-0.5b")
+
+
+def with_liger(device: Device) -> Device:
+    return Device(device.name, device.memory_bytes, device.capability, liger_installed=True)
+
+
+# The 0.5B preset, block 2048, 64 sequences a step, one GPU, ZeRO-2. Worked out by hand from the planner's formulas:
+# ≈ 12.4 GB that do not depend on the batch (16-bit weights and gradients 2.0, fp32 master, moments and gradients 7.9,
+# plus 10% and the 1.5 GB CUDA context), then per sequence ≈ 6.5 GB without checkpointing (activations 2.8, logits
+# 3.1, plus 10%) and ≈ 3.7 GB with it; Liger's fused loss: ≈ 0.25 GB a sequence with checkpointing, 0.6 GB once.
+@pytest.mark.parametrize("device, precision, micro_batch, checkpointing, fused_loss", [
+    (with_liger(T4), "fp16", 4, True, True),  # 16 GB: only with checkpointing and the fused loss
+    (V100, "fp16", 2, False, False),
+    (RTX_3090, "bf16", 1, False, False),
+    (RTX_4090, "bf16", 1, False, False),
+    (RTX_5090, "bf16", 2, False, False),
+    (A100_40, "bf16", 4, False, False),
+    (A100_80, "bf16", 8, False, False),
+    (H100, "bf16", 8, False, False),
+    (with_liger(H100), "bf16", 8, False, False),  # installed, but not needed: not used
+    (H200, "bf16", 16, False, False),
+], ids=lambda v: v.name if isinstance(v, Device) else None)
+def test_the_choice_for_each_card(device, precision, micro_batch, checkpointing, fused_loss):
+    assert choose_precision(device, None, None)[0] == precision
+    shape = choose_batch_shape(QWEN, 2048, device, 64)
+    assert (shape.micro_batch, shape.accumulation, shape.checkpointing, shape.fused_loss) == \
+        (micro_batch, 64 // micro_batch, checkpointing, fused_loss)
+    assert shape.plan.total <= 0.9 * device.memory_bytes  # the stated safety margin
+
+
+@pytest.mark.parametrize("device, ways", [
+    (T4, ["pip install liger-kernel", "sequences of 1024 tokens", "2 GPUs", "ZeRO-3"]),
+    (P100, ["sequences of 1024 tokens", "2 GPUs", "ZeRO-3"]),  # no Triton below compute capability 7.0: no Liger
+    (RTX_2080_TI, ["3 GPUs", "ZeRO-3"]),  # the optimizer state alone nearly fills it: no block size fits
+], ids=lambda v: v.name if isinstance(v, Device) else None)
+def test_a_card_too_small_is_one_line_saying_what_would_fit(device, ways):
+    with pytest.raises(ValueError) as refused:
+        choose_batch_shape(QWEN, 2048, device, 64)
+    line = str(refused.value)
+    assert "\n" not in line and f"this {device.name}" in line and "micro-batch 1" in line
+    assert all(way in line for way in ways)
+    if "pip install" not in ways[0]:
+        assert "liger" not in line
+
+
+@pytest.mark.parametrize("device", [with_liger(T4), V100, RTX_4090, RTX_5090, A100_40, H100, H200, Device("CPU")],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("global_batch, world_size", [(64, 1), (64, 2), (64, 8), (256, 8), (48, 3), (7, 1)])
+def test_the_global_batch_is_kept(device, global_batch, world_size):
+    shape = choose_batch_shape(QWEN, 2048, device, global_batch, world_size)
+    assert shape.micro_batch * shape.accumulation * world_size == global_batch
+
+
+def test_the_largest_fitting_micro_batch_that_divides_is_taken():
+    n = parameter_count(QWEN)
+    assert plan_memory(QWEN, n, 2, 2048, checkpointing=False).total <= 0.9 * RTX_5090.memory_bytes
+    assert choose_batch_shape(QWEN, 2048, RTX_5090, 64).micro_batch == 2
+    shape = choose_batch_shape(QWEN, 2048, RTX_5090, 63)  # 2 fits but does not divide 63; 3 does not fit
+    assert (shape.micro_batch, shape.accumulation, shape.checkpointing) == (1, 63, False)
+
+
+def test_a_global_batch_that_does_not_split_is_refused():
+    with pytest.raises(ValueError, match=r"64 sequences does not split over 3 ranks: pass --global_batch_size 66 or 63"):
+        choose_batch_shape(QWEN, 2048, H100, 64, world_size=3)
+    with pytest.raises(ValueError, match="64 per rank, which micro-batches of 6 do not divide"):
+        choose_batch_shape(QWEN, 2048, H100, 64, micro_batch=6)
+
+
+def test_given_savings_are_kept():
+    assert choose_batch_shape(QWEN, 2048, H200, 64, checkpointing=True).checkpointing is True
+    forced = choose_batch_shape(QWEN, 2048, RTX_4090, 64, checkpointing=False, micro_batch=4)
+    assert (forced.micro_batch, forced.checkpointing) == (4, False)  # does not fit: fit_to_device warns
+    with pytest.raises(ValueError, match="pip install liger-kernel"):  # an auto micro-batch that fits nowhere
+        choose_batch_shape(QWEN, 2048, T4, 64, checkpointing=True)
+
+
+@pytest.mark.parametrize("device, bf16, fp16, chosen", [
+    (H100, None, None, "bf16"), (RTX_3090, None, None, "bf16"), (T4, None, None, "fp16"), (V100, None, None, "fp16"),
+    (P100, None, None, "fp16"), (Device("CPU"), None, None, "fp32"),
+    (H100, None, True, "fp16"), (H100, False, None, "fp32"), (T4, True, None, "bf16"),  # the user's flags win
+])
+def test_precision(device, bf16, fp16, chosen):
+    assert choose_precision(device, bf16, fp16)[0] == chosen
+
+
+def test_flash_attention_only_where_it_runs():
+    installed = {d: Device(d.name, d.memory_bytes, d.capability, flash_attention_installed=True) for d in (T4, H100)}
+    assert choose_attention(installed[H100], None)[0] == "flash_attention_2"
+    assert choose_attention(installed[T4], None) == ("sdpa", "flash-attention 2: it needs compute capability 8.0")
+    assert choose_attention(H100, None)[0] == "sdpa"  # not installed
+    assert choose_attention(installed[H100], "eager")[0] == "eager"
+
+
+def parse(*flags: str) -> PretrainingArguments:
+    """Arguments as pretrain.py parses them; --use_cpu, so that the Trainer's own check lets bf16 pass on this machine
+    (seqlm.training.fit is given the card instead)."""
+    return HfArgumentParser(PretrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--report_to", "none", "--deepspeed", str(REPO / "ds_config_zero2.json"),
+         "--use_cpu", "true", *flags])[0]
+
+
+@pytest.mark.parametrize("flags, value", [([], "auto"), (["--per_device_train_batch_size", "8"], 8),
+                                          (["--per_device_train_batch_size", "AUTO"], "auto")])
+def test_micro_batch_flag(flags, value):
+    assert parse(*flags).per_device_train_batch_size == value
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: use auto or a positive number"),
+    (["--per_device_train_batch_size", "many"], "--per_device_train_batch_size many: use auto or a positive number"),
+    (["--global_batch_size", "0"], "--global_batch_size 0: use a positive number of sequences"),
+])
+def test_bad_batch_flags_are_one_line(flags, error):
+    result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == error
+
+
+@pytest.mark.parametrize("device, precision", [(T4, "fp16"), (H100, "bf16")], ids=["T4", "H100"])
+def test_the_trainer_and_deepspeed_see_the_choices(device, precision, caplog):
+    """The rebuilt arguments carry them into the Trainer's checks and the "auto" values of the DeepSpeed config."""
+    model_args = ModelArguments()
+    with caplog.at_level(logging.INFO):
+        args = fit_to_device(QWEN, 2048, parse("--use_liger_kernel", "true"), model_args, device)
+    ds = args.hf_deepspeed_config.config
+    assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+    assert args.mixed_precision == precision
+    assert ds["train_micro_batch_size_per_gpu"] == args.per_device_train_batch_size
+    assert ds["train_batch_size"] == 64 == args.per_device_train_batch_size * args.gradient_accumulation_steps
+    assert args.use_liger_kernel is True and model_args.attn_implementation == "sdpa"
+    assert f"on {device.name} (compute capability" in caplog.text and f": {precision} (" in caplog.text
+    assert "global batch 64 sequences of 2048 tokens" in caplog.text
+
+
+def test_a_given_micro_batch_and_global_batch_set_the_accumulation():
+    args = fit_to_device(QWEN, 2048, parse("--per_device_train_batch_size", "2", "--global_batch_size", "32"),
+                         ModelArguments(), H100)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 16)
+    args = fit_to_device(QWEN, 2048, parse("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"),
+                         ModelArguments(), H100)
+    assert (args.global_batch_size, args.gradient_accumulation_steps) == (6, 3)  # as today without the new flag
+
+
+def test_on_a_cpu_auto_is_the_micro_batch_before_auto():
+    args = fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), Device("CPU"))
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.bf16, args.fp16) == \
+        (4, 16, False, False)
+
+
+def test_readme_table_is_the_planners():
+    readme = (REPO / "README.md").read_text()
+    assert card_table() in readme
+
+
+def stand_in(folder: Path, name: str, script: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("gpu, device_flags", [
+    ("GPU 0: Tesla T4 (UUID: GPU-0)", []),  # pre-Ampere: no --bf16, the script chooses fp16
+    ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)", []),
+    (None, ["--use_cpu", "true"]),  # nvidia-smi without a driver: CPU ranks
+])
+def test_launcher_passes_no_precision_flag(tmp_path, gpu, device_flags):
+    """Stand-ins for nvidia-smi (reporting a card, or failing as without a driver) and for the deepspeed launcher
+    (printing what it was given): what is tested is launch.sh's own logic."""
+    stand_in(tmp_path, "nvidia-smi", f"echo '{gpu}'\n" if gpu else "exit 9\n")
+    stand_in(tmp_path, "deepspeed", 'printf "%s\\n" "$@"\n')
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("NUM_GPUS", None)
+    result = subprocess.run(["bash", str(REPO / "launch.sh"), "pretrain.py", "--learning_rate", "1e-4"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    given = result.stdout.split()
+    script = given.index("pretrain.py")
+    assert given[:3] == ["--num_gpus", "1", "--master_port"]
+    assert given[script + 1:] == [*device_flags, "--learning_rate", "1e-4"]
+    assert "--bf16" not in given and "--fp16" not in given
+
+
+def test_a_given_accumulation_is_never_overridden():
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 4 with --per_device_train_batch_size auto"):
+        parse("--gradient_accumulation_steps", "4")
+    with pytest.raises(ValueError, match="--global_batch_size 64 is not --per_device_train_batch_size 2 x "
+                                         "--gradient_accumulation_steps 4 x 1 rank:"):
+        fit_to_device(QWEN, 2048, parse("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
+                                        "--global_batch_size", "64"), ModelArguments(), device=H100)

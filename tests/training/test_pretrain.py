@@ -1,0 +1,231 @@
+"""pretrain.sh end to end on CPU: the real DeepSpeed launcher and ZeRO-2, the real Qwen tokenizer, real Chinese text,
+swanlab in offline mode, and checkpoints reloaded by stock transformers."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    BLOCK,
+    ENDOFTEXT,
+    REPO,
+    TINY_RUN,
+    free_port,
+    pretrain_sh,
+    swanlab_records,
+    swanlab_runs,
+    trainer_state,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    TrainingArguments,
+    pipeline,
+)
+
+from seqlm.data.token_cache import BlockDataset, TokenCache
+from seqlm.model import load_config, parameter_count
+from seqlm.outputs import read_samples
+from seqlm.training.memory import MASTER_AND_MOMENTS
+
+TRAINED = [*TINY_RUN, "--max_steps", "30", "--eval_on_start", "true", "--eval_steps", "15", "--save_steps", "15",
+           "--max_eval_samples", "16", "--peak_tflops", "1"]  # a CPU has no known peak: give one, so MFU is logged
+
+
+@pytest.fixture(scope="module")
+def trained(data, module_tmp):
+    out = module_tmp("run") / "out"
+    log = pretrain_sh(data, out, *TRAINED)
+    return out, log
+
+
+def test_a_finished_run_killed_before_its_closing_evaluation_completes_it(data, trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    for name in ("eval_results.json", "all_results.json", "report.md"):
+        (out / name).unlink()
+    weights = (out / "model.safetensors").read_bytes()
+    log = pretrain_sh(data, out, *TRAINED)
+    assert "nothing is trained again" in log
+    ours, theirs = (json.loads((d / "eval_results.json").read_text()) for d in (out, trained[0]))
+    assert set(theirs) <= set(ours)  # and the Trainer's eval_model_preparation_time: it prepared the plain model
+    for key in ("eval_loss", "eval_bits_per_char", "eval_bits_per_byte", "eval_perplexity"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key  # the same weights, without DeepSpeed's engine
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "report.md").is_file()
+
+
+def test_training_lowers_held_out_loss(trained):
+    out, log = trained
+    evals = [h["eval_loss"] for h in trainer_state(out)["log_history"] if "eval_loss" in h]
+    assert abs(evals[0] - math.log(151936)) < 0.5  # random init: uniform over the vocabulary
+    assert evals[-1] < evals[0] - 2.0
+    assert "tokens_per_second" in log and "eval_perplexity" in log
+    train_logs = [h for h in trainer_state(out)["log_history"] if "loss" in h]
+    assert all(0 < h["mfu"] < 1 for h in train_logs[1:])  # MFU against a 1 TFLOP/s peak
+    assert all(0 <= h["data_wait_percent"] < 50 and h["peak_memory_gb"] > 0.1 for h in train_logs[1:])
+
+
+def test_one_swanlab_run_written_offline(trained):
+    out, _ = trained
+    runs = swanlab_runs(out)
+    assert len(runs) == 1
+    scalars, texts = swanlab_records(runs[0])
+    history = trainer_state(out)["log_history"]
+    assert scalars["train/loss"] == {h["step"]: pytest.approx(h["loss"]) for h in history if "loss" in h}
+    assert scalars["eval/bits_per_char"] == {h["step"]: pytest.approx(h["eval_bits_per_char"])
+                                             for h in history if "eval_bits_per_char" in h}
+    assert set(scalars["train/tokens_per_second"]) == {h["step"] for h in history if "tokens_per_second" in h}
+    last = read_samples(out)[-1]["samples"]
+    assert [s["prompt"] + s["greedy"] for s in last] == texts["samples/greedy"][-len(last):]
+
+
+def test_checkpoint_reloads_in_stock_transformers(trained):
+    out, _ = trained
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # Documents ended with <|endoftext|>, so must generation: not the chat tokenizer's <|im_end|>.
+    assert model.config.eos_token_id == ENDOFTEXT and tokenizer.eos_token == "<|endoftext|>"
+    generated = pipeline("text-generation", model=model, tokenizer=tokenizer)("中国", max_new_tokens=8, do_sample=False)
+    assert len(tokenizer(generated[0]["generated_text"])["input_ids"]) > len(tokenizer("中国")["input_ids"])
+
+
+def test_saved_model_is_what_stock_save_pretrained_saves(trained, tmp_path):
+    """No second copy of the tied embedding as lm_head.weight, and a config that generates with the KV cache."""
+    out, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.save_pretrained(tmp_path)
+    for folder in (out, out / "checkpoint-30"):
+        with safe_open(folder / "model.safetensors", "pt") as ours, safe_open(tmp_path / "model.safetensors", "pt") as stock:
+            assert set(ours.keys()) == set(stock.keys()) and "lm_head.weight" not in ours.keys()
+            assert all(torch.equal(ours.get_tensor(k), stock.get_tensor(k)) for k in ours.keys())
+        assert abs((folder / "model.safetensors").stat().st_size - (tmp_path / "model.safetensors").stat().st_size) < 4096
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied again on load
+
+
+def test_deepspeeds_zero_to_fp32_gives_the_saved_weights(trained, tmp_path):
+    """The README's recipe for optimizer-free fp32 weights, step by step."""
+    checkpoint, fp32 = trained[0] / "checkpoint-30", tmp_path / "pretrain-fp32"
+    result = subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(fp32)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, fp32)
+    model = AutoModelForCausalLM.from_pretrained(fp32)
+    saved = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())  # fp32 on CPU: the same numbers
+
+
+def assert_optimizer_shards(out, ranks: int) -> None:
+    """ZeRO splits the fp32 master weights and AdamW moments over the ranks, as the memory planner assumes."""
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shards = sorted(last.glob("global_step*/*optim_states.pt"))
+    assert len(shards) == ranks
+    expected = MASTER_AND_MOMENTS * parameter_count(load_config("tiny")) / ranks
+    assert all(abs(shard.stat().st_size / expected - 1) < 0.01 for shard in shards)
+
+
+def test_zero_optimizer_state_is_what_the_planner_counts(trained):
+    assert_optimizer_shards(trained[0], ranks=1)
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained, data):
+    out, _ = trained
+    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "40", "--eval_steps", "15", "--save_steps", "15",
+                      "--max_eval_samples", "16")
+    assert f"resuming from {out}/checkpoint-30" in log
+    history = trainer_state(out)["log_history"]
+    train_steps = [h["step"] for h in history if "loss" in h]
+    assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]  # continued, not restarted
+    assert trainer_state(out)["global_step"] == 40
+
+
+def test_two_ranks_see_each_block_once_per_epoch(data, tmp_path):
+    out = tmp_path / "out"
+    port = free_port()
+    pretrain_sh(data, out, *TINY_RUN, "--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy",
+                "epoch", train=data["small"], ranks=2, MASTER_PORT=str(port))
+    cache = next(p for p in data["cache"].iterdir() if p.name.startswith("small.jsonl-"))
+    blocks = len(BlockDataset(cache, BLOCK))
+    per_step = 2 * 4
+    state = trainer_state(out)
+    assert state["global_step"] == math.ceil(blocks / per_step)  # one rank alone would take twice the steps
+    seen = max(h.get("num_input_tokens_seen", 0) for h in state["log_history"])
+    # Every block once; the distributed sampler may repeat a few to make the last global batch whole.
+    assert blocks * BLOCK <= seen < (blocks + per_step) * BLOCK
+    assert len(swanlab_runs(out)) == 1
+    assert_optimizer_shards(out, ranks=2)
+    # DeepSpeed's CPU all-reduce buffers (69 MB of RAM each) are gone with the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_real_qwen25_05b_takes_a_step(data, tmp_path):
+    out = tmp_path / "out"
+    log = pretrain_sh(data, out, "--block_size", "128", "--per_device_train_batch_size", "1",
+                      "--gradient_accumulation_steps", "1", "--max_steps", "1", "--eval_strategy", "no",
+                      "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+                      "--sample_steps", "0", preset="qwen2.5-0.5b", train=data["val"],
+                      # glibc's default thresholds (launch.sh's CPU tuning pays off for small models, not this one):
+                      # peak RSS 12.2 GB instead of 16.1 GB, measured
+                      MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    assert "494,032,768 parameters" in log
+    loss = next(h["train_loss"] for h in trainer_state(out)["log_history"] if "train_loss" in h)
+    assert abs(loss - math.log(151936)) < 1.0
+    assert (out / "model.safetensors").stat().st_size > 494_032_768 * 4 * 0.99
+
+
+def test_ds_config_autos_are_filled_from_training_arguments(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(REPO / "ds_config_zero2.json"), use_cpu=True,
+                             per_device_train_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.5)
+    config = args.hf_deepspeed_config.config
+    assert config["zero_optimization"]["stage"] == 2
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"], config["gradient_clipping"]) == (3, 5, 15, 0.5)
+    assert "optimizer" not in config and "scheduler" not in config  # HF's AdamW + cosine; no FusedAdam JIT build
+
+
+def run_pretrain_py(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, **env})
+
+
+def test_missing_corpus_names_the_commands_that_make_it(tmp_path):
+    result = run_pretrain_py("--train_files", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "make_subset.py" in result.stdout and "nope.jsonl" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_block_size_beyond_the_model_is_refused(data, tmp_path):
+    result = run_pretrain_py("--config_name", "tiny", "--tokenizer_name", str(data["tokenizer"]), "--train_files",
+                             str(data["train"]), "--validation_files", str(data["val"]), "--block_size", "4096",
+                             "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "max_position_embeddings 2048" in result.stdout
+
+
+def test_token_cache_is_shared_by_runs(trained, data):
+    # The training run built one cache per file; the rerun and the evaluation reused them.
+    names = sorted(p.name.split("-")[0] for p in data["cache"].iterdir() if (p / "manifest.json").is_file())
+    assert names.count("train.jsonl") == 1 and names.count("val.jsonl") == 1
+    cache = TokenCache(next(p for p in data["cache"].iterdir() if p.name.startswith("train.jsonl-")))
+    assert cache.manifest["separator_id"] == ENDOFTEXT
+
+
+def test_swanlab_cloud_without_a_key_fails_before_training(data, tmp_path):
+    # Without this check swanlab would prompt for a key on rank 0 while the other ranks time out.
+    env = {k: v for k, v in os.environ.items() if k != "SWANLAB_API_KEY"}
+    result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config_name", "tiny", "--tokenizer_name",
+                             str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files",
+                             str(data["val"]), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={**env, "SWANLAB_MODE": "cloud", "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "SWANLAB_MODE=cloud needs SWANLAB_API_KEY" in result.stdout

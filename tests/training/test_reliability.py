@@ -1,0 +1,316 @@
+"""Crash safety end to end, through pretrain.sh on CPU: kill -9 and resume to the same result, incomplete checkpoints,
+a non-finite loss, secrets kept out of every file, and the checks that run before any heavy work."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
+from safetensors.torch import load_file
+
+from seqlm.model import load_config
+from seqlm.outputs import COMPLETE_MARKER as MARKER
+from seqlm.training.checkpoints import latest_complete_checkpoint
+from seqlm.training.preflight import CHECKPOINT_BYTES_PER_PARAMETER, check_disk, check_disk_space
+
+RUN = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "16"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer_state(out)["log_history"] if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, module_tmp):
+    out = module_tmp("straight") / "out"
+    pretrain_sh(data, out, *RUN)
+    return out
+
+
+def test_kill_9_twice_then_rerun_gives_the_uninterrupted_result(data, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-8")  # most likely while writing checkpoint-8
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-12" / MARKER)  # just after a complete save
+    log = pretrain_sh(data, out, *RUN)
+    assert "resuming from" in log and "checkpoint-12" in log
+    assert losses(out) == losses(uninterrupted) and len(losses(out)) == 16
+    ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "final weights differ from the uninterrupted run"
+    ids = {p.name.rsplit("-", 1)[1] for p in swanlab_runs(out)}
+    assert len(ids) == 1, f"a resumed run must continue the same swanlab run, got ids {ids}"
+
+
+def test_a_truncated_checkpoint_is_skipped_and_kept(data, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    weights = newest / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    resumed = latest_complete_checkpoint(out)
+    assert resumed is not None and resumed != newest
+    log = pretrain_sh(data, out, *RUN[:-1], "20")
+    assert f"skipping {newest}" in log and f"resuming from {resumed}" in log
+    assert trainer_state(out)["global_step"] == 20
+
+
+def flip_bytes(path: Path, at: int, count: int = 8) -> None:
+    """Change `count` bytes in place, the size unchanged: what a bad disk or a bad copy does."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        data = f.read(count)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize("shard", ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_checkpoint_with_changed_bytes_is_skipped_naming_the_file(uninterrupted, tmp_path, shard, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    newest = out / "checkpoint-16"
+    target = next((newest / "global_step16").glob(shard.replace("bf16_", "*")))
+    flip_bytes(target, target.stat().st_size // 2)
+    assert latest_complete_checkpoint(out) == out / "checkpoint-12"
+    assert (f"skipping {newest}: global_step16/{target.name} has changed since it was saved (its digest differs): it "
+            "is damaged; it is left on disk for you to inspect or delete") in caplog.text
+
+
+def test_a_checkpoint_is_marked_with_the_size_and_digest_of_every_file(uninterrupted):
+    listed = json.loads((uninterrupted / "checkpoint-16" / MARKER).read_text())["files"]
+    on_disk = {str(p.relative_to(uninterrupted / "checkpoint-16")): p for p in (uninterrupted / "checkpoint-16").rglob("*")
+               if p.is_file() and p.name != MARKER}
+    assert set(listed) == set(on_disk) and "model.safetensors" in listed
+    for name, path in on_disk.items():
+        assert listed[name]["bytes"] == path.stat().st_size
+        assert listed[name]["xxh3_128"] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+
+
+def test_rerunning_a_finished_run_trains_no_further(data, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    # Killed after its final checkpoint, before the final model and results were written:
+    for name in ("model.safetensors", "trainer_state.json", "train_results.json", "all_results.json", "report.md"):
+        (out / name).unlink()
+    log = pretrain_sh(data, out, *RUN)
+    assert f"training finished at step 16 ({out / 'checkpoint-16'}): nothing is trained again" in log
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16", "checkpoint-8"]
+    assert trainer_state(out)["global_step"] == 16 and losses(out) == losses(uninterrupted)
+    ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (out / "report.md").is_file()
+    # Finished and complete: a further rerun changes no weight either.
+    before = (out / "model.safetensors").read_bytes()
+    log = pretrain_sh(data, out, *RUN)
+    assert "nothing is trained again" in log and (out / "model.safetensors").read_bytes() == before
+    assert trainer_state(out)["global_step"] == 16
+
+
+def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tmp_path):
+    """A checkpoint saved with a non-finite weight: its digests match, so it is loaded; the stop names it."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    checkpoint = out / "checkpoint-16"
+    # ZeRO-2 resumes the weights from the fp32 master copy in the optimizer shard
+    [states] = (checkpoint / "global_step16").glob("*optim_states.pt")
+    saved = torch.load(states, weights_only=False)
+    with torch.no_grad():
+        saved["optimizer_state_dict"]["single_partition_of_fp32_groups"][1][0] = float("nan")  # a norm's weight
+    torch.save(saved, states)
+    marker = json.loads((checkpoint / MARKER).read_text())
+    name = str(states.relative_to(checkpoint))
+    marker["files"][name] = {"bytes": states.stat().st_size, "xxh3_128": xxhash.xxh3_128(states.read_bytes()).hexdigest()}
+    (checkpoint / MARKER).write_text(json.dumps(marker))
+    log = pretrain_sh(data, out, *RUN[:-1], "20", expect_ok=False)
+    assert f"after resuming from {checkpoint}: stopping. That checkpoint is the suspect" in log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 MB file system (tmpfs): room for one checkpoint of the tiny preset (≈ 400 MB), not for two."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
+    out = small_disk / "out"
+    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "0",
+                      "--eval_strategy", "no", "--report_to", "none", expect_ok=False)
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert errors and all(line == errors[0] for line in errors), log[-3000:]
+    assert re.search(rf"the disk of {re.escape(str(out))} is full \(0\.\d\d GB free; the error: .+\): free some space "
+                     rf"or point --output_dir elsewhere; rerunning the same command resumes from "
+                     rf"{re.escape(str(out / 'checkpoint-2'))}$", errors[0]), errors[0]
+    assert latest_complete_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_a_master_port_in_use_is_one_line_before_anything_starts(data, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command, env = pretrain_command(data, tmp_path / "out", MASTER_PORT=str(port))
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: MASTER_PORT={port} is in use (another job?): set another MASTER_PORT, or leave "
+                             "it unset to take a free one\n")
+
+
+def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
+    out = tmp_path / "out"
+    command, env = pretrain_command(data, out, *RUN[:-1], "200", ranks=2)
+    with open(tmp_path / "log.txt", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoint-4" / MARKER).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    [rank_1] = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+                if b"--local_rank=1" in p.read_bytes() and str(out).encode() in p.read_bytes()]
+    os.kill(rank_1, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "log.txt").read_text()
+    newest = max((p.parent for p in out.glob(f"checkpoint-*/{MARKER}")), key=lambda p: int(p.name.split("-")[1]))
+    assert log.splitlines()[-1] == (
+        f"error: rank 1 on {socket.gethostname()} died (exit code -9, killed: out of memory, or kill -9) and the "
+        f"launcher stopped the others: rerunning the same command resumes from {newest}"), log[-3000:]
+
+
+def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
+    # The run kept 3 (save_total_limit's default) of its 4 checkpoints, each marked complete.
+    kept = sorted(int(p.name.split("-")[1]) for p in uninterrupted.glob("checkpoint-*"))
+    assert kept == [8, 12, 16]
+    assert all((uninterrupted / f"checkpoint-{n}" / MARKER).is_file() for n in kept)
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path):
+    out = tmp_path / "out"
+    log = pretrain_sh(data, out, *TINY_RUN, "--learning_rate", "1e30", "--warmup_steps", "0", "--max_steps", "20",
+                      "--save_steps", "1", "--eval_strategy", "no", "--report_to", "none", expect_ok=False)
+    assert "the loss is" in log and "stopping" in log
+    step = int(log.split("the loss is")[1].split("at step ")[1].split(":")[0])
+    assert step < 20
+    assert not (out / "model.safetensors").exists()  # no final model from poisoned weights
+    assert latest_complete_checkpoint(out) == out / f"checkpoint-{step - 1}"
+
+
+def command_lines() -> list[str]:
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # the process ended meanwhile
+            pass
+    return lines
+
+
+def test_secrets_never_reach_logs_or_files(data, tmp_path):
+    secrets = {"HF_TOKEN": "hf_envSecret4711", "SWANLAB_API_KEY": "swanSecret0815"}
+    out, flag_secret = tmp_path / "out", "hf_flagSecret2342"
+    command, env = pretrain_command(data, out, *TINY_RUN, "--max_steps", "2", "--save_steps", "2", "--eval_strategy",
+                                    "no", "--hub_token", flag_secret, **secrets)
+    with open(tmp_path / "log.txt", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    # A token given as a flag must not stay in any command line (`ps`) once the launcher runs.
+    shown_while_training = set()
+    while proc.poll() is None:
+        lines = command_lines()
+        if any("--num_gpus" in line and str(out) in line for line in lines):  # our DeepSpeed launcher has started
+            shown_while_training |= {line for line in lines if flag_secret in line}
+        time.sleep(0.2)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert not shown_while_training
+    for secret in [*secrets.values(), flag_secret]:
+        assert secret not in log
+        leaks = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not leaks, f"{secret} written to {leaks}"
+    assert swanlab_runs(out), "the run must have logged to swanlab for this test to mean anything"
+
+
+def pretrain_py(data, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config_name", "tiny", "--tokenizer_name",
+                           str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files",
+                           str(data["val"]), "--report_to", "none", "--use_cpu", "true", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_damaged_token_cache_stops_the_run_in_one_line(data, tmp_path):
+    cache = tmp_path / "cache"
+    subprocess.run([sys.executable, str(REPO / "tokenize_corpus.py"), "--config_name", "tiny", "--tokenizer_name",
+                    str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files", str(data["val"]),
+                    "--token_cache_dir", str(cache)], check=True, capture_output=True, timeout=300)
+    [folder] = [p for p in cache.iterdir() if p.name.startswith("train.jsonl-")]
+    flip_bytes(folder / "tokens.bin", 100)
+    result = pretrain_py(data, tmp_path, "--output_dir", str(tmp_path / "o"), "--token_cache_dir", str(cache))
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert (f"the cache {folder} is damaged: tokens.bin has changed since it was written. Delete that folder and rerun "
+            "to rebuild it") in result.stdout
+
+
+def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path):
+    config = json.loads((REPO / "ds_config_zero2.json").read_text())
+    config["gradient_accumulation_steps"] = 8
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    result = pretrain_py(data, tmp_path, "--deepspeed", str(tmp_path / "ds.json"), "--per_device_train_batch_size",
+                         "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "gradient_accumulation_steps=8 but --gradient_accumulation_steps is 2" in result.stdout
+
+
+def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path):
+    result = pretrain_py(data, tmp_path, "--output_dir", str(uninterrupted), "--block_size", "64",
+                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
+    assert result.returncode == 2
+    assert (f"{uninterrupted / 'checkpoint-16'} was written by a run with other settings (block_size: 128 then, 64 "
+            "now): use another --output_dir, or the same settings to resume") in result.stdout
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(data, tmp_path):
+    config = json.loads((REPO / "configs" / "tiny.json").read_text())
+    config["vocab_size"] = 1000
+    (tmp_path / "small_vocab.json").write_text(json.dumps(config))
+    result = pretrain_py(data, tmp_path, "--config_name", str(tmp_path / "small_vocab.json"), "--output_dir",
+                         str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "the tokenizer has 151,669 tokens but the model's vocab_size is 1,000" in result.stdout
+
+
+def test_too_little_disk_is_refused_before_work(data, tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ValueError, match="needs about .* GB but only .* GB are free"):
+        check_disk_space(tmp_path / "not" / "yet", free + 10**9, "the token cache")
+    check_disk(load_config("tiny"), [str(data["train"])], str(tmp_path / "cache"), str(tmp_path / "out"), 3)
+
+
+def test_the_disk_check_counts_every_checkpoint_kept_and_the_next(data, tmp_path):
+    """A model whose checkpoint takes 40% of the free space: one fits, the four of --save_total_limit 3 do not."""
+    config = load_config("tiny")
+    config.vocab_size = int(0.4 * shutil.disk_usage(tmp_path).free / CHECKPOINT_BYTES_PER_PARAMETER
+                            / config.hidden_size)
+    args = (config, [str(data["train"])], str(tmp_path / "cache"), str(tmp_path / "out"))
+    check_disk(*args, None)
+    check_disk(*args, 1)  # two at the peak: 80%
+    with pytest.raises(ValueError, match=r"^4 more checkpoints \(--save_total_limit 3: 4 at the peak\) needs about"):
+        check_disk(*args, 3)
+    check_disk(*args, 3, "no")  # no checkpoints: only the final model, 4 of a checkpoint's 20 bytes a parameter
+    config.vocab_size *= 6  # a final model of 2.4 x 4 / 20 = 48% of the free space: fits; 6 x 48% does not
+    check_disk(*args, 3, "no")
+    config.vocab_size *= 6
+    with pytest.raises(ValueError, match=r"^the final model \(--save_strategy no: no checkpoints\) needs about"):
+        check_disk(*args, 3, "no")
