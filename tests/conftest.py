@@ -24,13 +24,28 @@ PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, f
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_shared_memory():
     """launch.sh removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
-    theirs, one per fresh port: /dev/shm is RAM, so remove what this session left."""
+    theirs, one per fresh port: /dev/shm is RAM, so remove what this session left. Only buffers no live process
+    maps: another test session (a second worker, a second checkout) may be running beside this one."""
     shm = Path("/dev/shm")
     pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
     before = set(shm.glob(pattern))
     yield
+    in_use = mapped_files()
     for path in set(shm.glob(pattern)) - before:
-        path.unlink(missing_ok=True)
+        if str(path) not in in_use:
+            path.unlink(missing_ok=True)
+
+
+def mapped_files() -> set[str]:
+    """The files some live process has mapped into its memory (/proc/PID/maps, last column)."""
+    found = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text().splitlines()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        found.update(fields[5] for fields in (line.split(maxsplit=5) for line in lines) if len(fields) == 6)
+    return found
 
 
 @pytest.fixture(scope="session")
