@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the whole pipeline on the offline sample (CPU, a few minutes)
-# make test: set up .venv and run the test suite
+# make test: set up .venv and run the test suite, less the tests marked slow (README: "Tests")
+# make test-all: set up .venv and run every test, the slow ones too (what CI runs)
 # make setup: only set up .venv (for the real run on a GPU machine: README.md)
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +9,7 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +23,15 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 demo: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" bash demo.sh
 
+# Every test's duration is printed, and kept in $(TEST_RESULTS) (JUnit XML), to see where the time goes.
+TEST_RESULTS ?= output/test-results.xml
+PYTEST = PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=0 --junitxml=$(TEST_RESULTS)
+
 test: $(VENV)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=20 tests
+	$(PYTEST) -m "not slow" tests
+
+test-all: $(VENV)/.installed
+	$(PYTEST) tests
 
 clean:
 	rm -rf $(VENV) output/demo output/demo-sft data/demo data/token_cache

@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO, free_port
+
+pytestmark = pytest.mark.slow  # each bench runs its smallest real size: minutes, not seconds
 
 
 def bench(script: str, *args: str) -> str:

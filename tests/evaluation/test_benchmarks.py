@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from helpers import REPO, write_jsonl
-from test_download import REPOS, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
+from hub import REPOS, cli, closed_url, server  # noqa: F401 (server: the hub stand-in fixture)
 from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments, default_data_collator
 
 from seqlm.data.token_cache import BlockDataset, build_token_cache
@@ -159,11 +159,17 @@ def test_centered_accuracy_and_the_suite_average():
                                          "bench_average_centered": 0.25}
 
 
+# The answers each question offers, from the datasets' papers: story endings (XStoryCloze), causes or effects (XCOPA),
+# the two candidates of a Winograd schema, HellaSwag's four endings, the options A–D of C-Eval and CMMLU.
+CHOICES_PER_QUESTION = {"xstorycloze_zh": 2, "xcopa_zh": 2, "xwinograd_zh": 2, "hellaswag_zh": 4, "ceval-valid": 4,
+                        "cmmlu": 4}
+
+
 def test_chance_levels_are_one_over_the_number_of_choices():
-    for b in BENCHMARKS.values():
-        assert (b.chance is None) == (b.choices is None)
-        if b.chance is not None:
-            assert b.chance == 1 / b.choices
+    accuracies = {name: b for name, b in BENCHMARKS.items() if b.chance is not None}
+    assert set(accuracies) == set(CHOICES_PER_QUESTION)
+    for name, b in accuracies.items():
+        assert b.chance == pytest.approx(1 / CHOICES_PER_QUESTION[name]), name
 
 
 def test_cross_check_explains_a_gap_over_two_percent():
