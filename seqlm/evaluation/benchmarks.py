@@ -255,7 +255,7 @@ def cross_check(lm_eval_bpb: float, ours_bpb: float) -> dict:
         note = ("they count differently: lm-eval scores each document on its own, from the separator token, and "
                 "does not predict the separator; ours packs documents into blocks, so a prediction can see the end "
                 "of the previous document, the separator after each document is predicted and counted, and the "
-                "first token of each block is not predicted (README.md, Standard benchmarks).")
+                "first token of each block is not predicted (docs/evaluation.md, Two bits per byte).")
     return dict(lm_eval_bits_per_byte=lm_eval_bpb, eval_bits_per_byte=ours_bpb, relative_gap=gap, note=note)
 
 

@@ -14,7 +14,7 @@ fit_to_device in the open):
 
 The same rule answers before a GPU is rented:
 
-    python -m seqlm.training.fit      # the choices for common cards: the README's table
+    python -m seqlm.training.fit      # the choices for common cards: the table in docs/gpus.md
     python -m seqlm.training.fit --per_device_train_batch_size 16 --gpu_memory_gb 24   # one plan, and the choice
 """
 from __future__ import annotations
@@ -205,7 +205,7 @@ def fitting_flags(config: PretrainedConfig, block_size: int, device: Device, glo
            "or --per_device_train_batch_size auto"
 
 
-# ---------------------------------------------------------------- the README's table of common cards
+# ---------------------------------------------------------------- the table of common cards in docs/gpus.md
 
 # (name as the driver reports it, memory in MiB as nvidia-smi reports it, compute capability)
 COMMON_CARDS = (

@@ -185,7 +185,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("needs Chromium and its driver: apt-get install -y chromium chromium-driver (README)")
+        pytest.skip("needs Chromium and its driver: apt-get install -y chromium chromium-driver (docs/development.md)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

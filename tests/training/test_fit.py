@@ -186,9 +186,11 @@ def test_on_a_cpu_auto_is_the_micro_batch_before_auto():
         (4, 16, False, False)
 
 
-def test_readme_table_is_the_planners():
-    readme = (REPO / "README.md").read_text()
-    assert card_table() in readme
+def test_the_guides_table_is_the_planners():
+    """docs/gpus.md and its Chinese version print the planner's table as `python -m seqlm.training.fit` does."""
+    table = card_table()
+    for guide in ("docs/gpus.md", "docs/gpus.zh.md"):
+        assert table in (REPO / guide).read_text(), f"{guide}: paste the output of python -m seqlm.training.fit"
 
 
 def stand_in(folder: Path, name: str, script: str) -> None:

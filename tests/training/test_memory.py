@@ -131,7 +131,7 @@ def test_the_logged_plan_reads_back(caplog):
     assert logged_plan("no plan on a CPU run") is None
 
 
-MARGIN = 0.9  # README: the automatic choice fills at most 90% of the GPU; a given micro-batch past it is warned about
+MARGIN = 0.9  # docs/gpus.md: the automatic choice fills at most 90% of the GPU; a given micro-batch past it is warned about
 
 
 def given_run(micro: int, accumulation: int) -> PretrainingArguments:

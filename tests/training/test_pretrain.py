@@ -118,7 +118,7 @@ def test_saved_model_is_what_stock_save_pretrained_saves(trained, tmp_path):
 
 
 def test_deepspeeds_zero_to_fp32_gives_the_saved_weights(trained, tmp_path):
-    """The README's recipe for optimizer-free fp32 weights, step by step."""
+    """The recipe of docs/pretraining.md for optimizer-free fp32 weights, step by step."""
     checkpoint, fp32 = trained[0] / "checkpoint-30", tmp_path / "pretrain-fp32"
     result = subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(fp32)],
                             capture_output=True, text=True, timeout=300)

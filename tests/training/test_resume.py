@@ -42,7 +42,7 @@ WEIGHT_TOLERANCE = 5e-5  # absolute; measured: 3e-6 to 9e-6
 
 
 def two_nodes(data, out: Path, tmp_path: Path, *args: str) -> None:
-    """pretrain.sh started once per node, as the README says for nodes without ssh: here both on this machine, with
+    """pretrain.sh started once per node, as docs/multi-gpu.md says for nodes without ssh: here both on this machine, with
     one rank each."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
