@@ -53,7 +53,7 @@ class Limits:
     api_key: str | None = None  # required on every route but the page and /health, when set
     max_prompt_chars: int = 100_000  # tokenizing that many takes ≈ 0.2 s of one core; 2,000,000 took 9 s
     max_queue: int = 16  # generations waiting behind the running one
-    max_request_bytes: int = 1_000_000  # 100,000 Chinese characters as JSON escapes (\\uXXXX) are 600 kB
+    max_request_bytes: int = 1_000_000  # max_prompt_chars of Chinese: 300 kB in UTF-8, 600 kB as \uXXXX escapes
 
 
 def default_checkpoint() -> str:
