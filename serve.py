@@ -3,15 +3,16 @@ page in the browser, on the engine of `transformers serve` (seqlm/serving/server
 
     python serve.py                                  # output/sft (else output/pretrain) on http://127.0.0.1:8000
     python serve.py --model_path output/pretrain     # a pretrained checkpoint continues text (/v1/completions)
-    python serve.py --host 0.0.0.0 --port 8080       # reachable from other machines: only when you mean it
+    SEQLM_API_KEY=$(openssl rand -hex 16) python serve.py --host 0.0.0.0   # reachable by others: with a key
 
 Then open http://127.0.0.1:8000 for the chat page, or use any OpenAI client with base_url http://127.0.0.1:8000/v1.
 """
 import argparse
 import ipaddress
+import os
 import sys
 
-from seqlm.serving.server import cannot_listen, default_checkpoint
+from seqlm.serving.server import API_KEY_ENV, Limits, cannot_listen, default_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,11 +31,45 @@ def parse_args() -> argparse.Namespace:
                    help="batch concurrent requests in the same forward passes (GPUs only). In transformers 5.24 "
                         "the sampling settings of the first request then apply to all, and repetition penalties "
                         "are dropped")
+    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                   help=f"the key every API request must send (Authorization: Bearer KEY; the chat page asks for it "
+                        f"once). Prefer the environment variable {API_KEY_ENV}: a command line is visible to every "
+                        f"user of the machine (ps). Default: {API_KEY_ENV}, else none")
+    limits = Limits()
+    p.add_argument("--max_prompt_chars", type=positive, default=limits.max_prompt_chars,
+                   help="longest prompt (all messages) in characters, refused before it is tokenized "
+                        "(default: %(default)s)")
+    p.add_argument("--max_queue", type=natural, default=limits.max_queue,
+                   help="generations that may wait behind the running one; past it a 429 with Retry-After "
+                        "(default: %(default)s; with --continuous_batching transformers' scheduler takes all)")
+    p.add_argument("--max_request_bytes", type=positive, default=limits.max_request_bytes,
+                   help="largest request body, 413 past it (default: %(default)s)")
     return p.parse_args()
+
+
+def natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def positive(text: str) -> int:
+    value = natural(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0: it must be at least 1")
+    return value
 
 
 def main() -> int:
     args = parse_args()
+    try:
+        local = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = args.host == "localhost"
+    if not local and not args.api_key:
+        print(f"note: listening on {args.host} without an API key: anyone who can reach this machine can use the "
+              f"model (set {API_KEY_ENV})", file=sys.stderr)
     problem = cannot_listen(args.host, args.port)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -68,13 +103,9 @@ def main() -> int:
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     kind = "chat" if served.chat else "continues text (no chat template): /v1/completions only"
     print(f"serving {served.name} ({served.path}; {kind}) on {device} in {dtype}, context {served.context:,} tokens")
-    try:
-        local = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        local = args.host == "localhost"
-    if not local:
-        print(f"note: listening on {args.host}: anyone who can reach this machine can use the model", file=sys.stderr)
-    app = build_app(served, device=device, dtype=dtype, continuous_batching=args.continuous_batching)
+    limits = Limits(api_key=args.api_key, max_prompt_chars=args.max_prompt_chars, max_queue=args.max_queue,
+                    max_request_bytes=args.max_request_bytes)
+    app = build_app(served, device=device, dtype=dtype, continuous_batching=args.continuous_batching, limits=limits)
     print(f"chat page: {url}/   OpenAI API: {url}/v1 (model '{served.name}')", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
