@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run a training script (pretrain.py, finetune.py) under the DeepSpeed launcher on every GPU of this machine, on
 # the nodes of a hostfile, or on CPU ranks: `bash launch.sh SCRIPT.py ARGS...`. pretrain.sh and finetune.sh call it.
-#   NUM_GPUS     ranks on this machine (default: all GPUs, or 1 CPU rank)
+#   NUM_GPUS     ranks on this machine (default: every GPU of CUDA_VISIBLE_DEVICES, else of the machine; or 1 CPU rank)
+#   CUDA_VISIBLE_DEVICES  the GPUs of this machine to train on (e.g. 2,3 on a shared server): honoured, and named
 #   HOSTFILE     DeepSpeed hostfile for several nodes ("node1 slots=8" lines): started from the first node over ssh
 #   NODE_RANK    with HOSTFILE, no ssh: run this on every node, each with its place in the hostfile (0, 1, ...)
 #   MASTER_ADDR  with NODE_RANK: the first node's address, which every node reaches
@@ -40,7 +41,33 @@ fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; print(sys.prefix)')/torch_extensions}
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+    # The GPUs the user chose: DeepSpeed's runner honours CUDA_VISIBLE_DEVICES only when no --num_gpus is given (it
+    # deletes it otherwise, and the job lands on every card of a shared server, counted from GPU 0). So NUM_GPUS counts
+    # within it, and the runner gets the list back (it turns it into --include localhost:LIST) instead of a count.
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && -z ${HOSTFILE:-} ]]; then
+        IFS=, read -ra VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+        for gpu in "${VISIBLE[@]}"; do
+            if ! [[ $gpu =~ ^[0-9]+$ ]]; then
+                echo "error: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: DeepSpeed's launcher takes GPU indices only" \
+                     "(as \`nvidia-smi -L\` numbers them, e.g. CUDA_VISIBLE_DEVICES=2,3)" >&2
+                exit 2
+            fi
+        done
+        NUM_GPUS=${NUM_GPUS:-${#VISIBLE[@]}}
+        if ! [[ $NUM_GPUS =~ ^[1-9][0-9]*$ ]] || (( NUM_GPUS > ${#VISIBLE[@]} )); then
+            echo "error: NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#VISIBLE[@]} GPU(s):" \
+                 "NUM_GPUS counts within it; set it to at most ${#VISIBLE[@]}, or leave it unset" >&2
+            exit 2
+        fi
+        export CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${VISIBLE[*]:0:NUM_GPUS}")
+    else
+        NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+    fi
+    # Which physical cards, by name, so that a shared server's other users can be told (and the log shows a mistake).
+    [[ -n ${HOSTFILE:-} ]] || nvidia-smi -L | awk -v list="${CUDA_VISIBLE_DEVICES:-}" -v n="$NUM_GPUS" '
+        BEGIN { k = split(list, wanted, ","); for (i = 1; i <= k; i++) chosen[wanted[i]] = 1 }
+        { id = $2; sub(":", "", id) }
+        (k ? id in chosen : id < n) { sub(/ \(UUID.*/, ""); print "training on " $0 }'
     # Precision, like the batch shape, is chosen by the training script from the card (seqlm/training/fit.py): bf16 is not
     # on every GPU.
     DEVICE_ARGS=()
@@ -65,6 +92,8 @@ if [[ -n ${HOSTFILE:-} && -n ${NODE_RANK:-} ]]; then
               --master_port "$MASTER_PORT")
 elif [[ -n ${HOSTFILE:-} ]]; then
     LAUNCHER=(deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT")
+elif [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${#DEVICE_ARGS[@]} == 0 ]]; then
+    LAUNCHER=(deepspeed --master_port "$MASTER_PORT")  # the runner reads the GPUs from CUDA_VISIBLE_DEVICES
 else
     LAUNCHER=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 fi
