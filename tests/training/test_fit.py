@@ -163,6 +163,25 @@ def test_a_ds_config_that_contradicts_the_precision_is_one_line(tmp_path, device
         check_ds_config(fit_to_device(load_config("tiny"), 128, args, ModelArguments(), device))
 
 
+def test_fp16_false_alone_keeps_bf16_on_a_card_that_has_it():
+    args = fit_to_device(load_config("tiny"), 128, parse("--fp16", "false"), ModelArguments(), H100)
+    assert (args.bf16, args.fp16) == (True, False)
+
+
+def test_benchmarks_during_training_under_zero_3_are_one_line(tmp_path):
+    config = json.loads((REPO / "ds_config_zero2.json").read_text())
+    config["zero_optimization"]["stage"] = 3
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    args = parse()
+    args.deepspeed = str(tmp_path / "ds.json")
+    args = fit_to_device(load_config("tiny"), 128, args, ModelArguments(), H100)
+    with pytest.raises(ValueError, match=r"^--benchmark_suite scores on the first rank alone, which ZeRO-3 cannot "
+                                         r"\(each rank holds a part of the weights\): train without it and score the "
+                                         r"saved model with benchmark.py, or use ZeRO-2 \(ds_config_zero2.json\)$"):
+        check_ds_config(args, benchmarking=True)
+    check_ds_config(args)  # ZeRO-3 itself is fine
+
+
 def test_the_shipped_ds_config_takes_every_precision():
     for device in T4, H100, Device("CPU"):
         check_ds_config(fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), device))
