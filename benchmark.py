@@ -21,7 +21,6 @@ import time  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from seqlm import (
@@ -41,7 +40,7 @@ from seqlm.evaluation.benchmarks import (  # noqa: E402
     write_task_files,
 )
 from seqlm.evaluation.heldout import score_file  # noqa: E402
-from seqlm.model import check_compatible, document_separator, load_config  # noqa: E402
+from seqlm.model import check_compatible, document_separator, inference_device, load_config  # noqa: E402
 from seqlm.model_folder import check_model_folder  # noqa: E402
 from seqlm.tokenizer import load_tokenizer  # noqa: E402
 
@@ -90,9 +89,9 @@ def main() -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     chat = is_chat_model(tokenizer) if args.chat_template == "auto" else args.chat_template == "yes"
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 device_map="cuda" if cuda else None)
+    device, dtype = inference_device()
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
+                                                 device_map="cuda" if device == "cuda" else None)
     rows = run_suite(model, tokenizer, benchmarks, Path(task_dir.name), chat=chat, batch_size=args.batch_size,
                      max_length=max_length, prefix_token_id=separator_id, limit=args.limit)
     check = None
@@ -106,7 +105,7 @@ def main() -> int:
     task_dir.cleanup()
 
     result = dict(model_path=args.model_path, suite=args.suite, max_length=max_length, limit=args.limit,
-                  chat_template=chat, device="cuda" if cuda else "cpu", lm_eval_version=metadata.version("lm_eval"),
+                  chat_template=chat, device="cuda" if device == "cuda" else "cpu", lm_eval_version=metadata.version("lm_eval"),
                   rows=rows, average_centered=average_centered(rows), cross_check=check,
                   seconds=round(time.perf_counter() - start, 1))
     json_path, md_path = write_results(Path(args.output_dir or Path(args.model_path) / "benchmarks"), result)

@@ -80,7 +80,7 @@ def main() -> None:
         # Precision, attention and the batch shape from the device: the checks below see the final ones. Batches are
         # padded to their longest: at worst --max_length.
         training_args = fit_to_device(config, data_args.max_length, training_args, model_args)
-        check_ds_config(training_args)
+        check_ds_config(training_args, benchmarking=benchmark is not None)
         settings = fine_tuning_settings(model_path, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit, training_args.save_strategy)

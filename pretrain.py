@@ -64,7 +64,7 @@ def main() -> None:
                                                 separator_id=separator_id, heldout_file=data_args.validation_files[0])
         # Precision, attention and the batch shape from the device: the checks below see the final ones.
         training_args = fit_to_device(config, data_args.block_size, training_args, model_args)
-        check_ds_config(training_args)
+        check_ds_config(training_args, benchmarking=benchmark is not None)
         settings = pretraining_settings(config, data_args, training_args)
         check_disk(config, data_args.train_files + data_args.validation_files, data_args.token_cache_dir,
                    training_args.output_dir, training_args.save_total_limit, training_args.save_strategy)

@@ -9,6 +9,7 @@ import torch
 from transformers.utils import is_flash_attn_2_available
 
 BF16_CAPABILITY = (8, 0)  # Ampere and later: bf16 tensor cores; flash-attention 2 runs on the same GPUs
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRITON_CAPABILITY = (7, 0)  # the oldest GPUs Triton compiles for (torch's inductor refuses older), so Liger's too
 
 
@@ -26,7 +27,11 @@ class Device:
         every rank."""
         if training_args.use_cpu or not torch.cuda.is_available():
             return cls("CPU")
-        properties = torch.cuda.get_device_properties(training_args.device)
+        return cls.from_properties(torch.cuda.get_device_properties(training_args.device))
+
+    @classmethod
+    def from_properties(cls, properties) -> Device:
+        """A GPU from what torch.cuda.get_device_properties reports: name, total_memory, major, minor."""
         return cls(properties.name, properties.total_memory, (properties.major, properties.minor),
                    is_flash_attn_2_available(), importlib.util.find_spec("liger_kernel") is not None)
 
@@ -37,6 +42,29 @@ class Device:
     @property
     def has_bf16(self) -> bool:
         return self.is_gpu and self.capability >= BF16_CAPABILITY
+
+    def precision(self, bf16: bool | None = None, fp16: bool | None = None) -> tuple[str, str]:
+        """(bf16, fp16 or fp32, why): the one rule for training, chat, serving and evaluation. bf16 where the GPU
+        has it in hardware (compute capability 8.0: torch.cuda.is_bf16_supported() also says yes on a T4 or V100,
+        where bf16 is emulated and slow), fp16 on other GPUs, fp32 on a CPU. A flag set true wins; a flag set false
+        removes only its own choice (--fp16 false on an H100 still trains in bf16; --bf16 false there gives fp16)."""
+        if bf16:
+            return "bf16", "as given by --bf16"
+        if fp16:
+            return "fp16", "as given by --fp16"
+        if not self.is_gpu:
+            return "fp32", "no GPU"
+        if self.has_bf16 and bf16 is None:
+            return "bf16", "the GPU has bf16"
+        if fp16 is None:
+            why = "--bf16 false" if self.has_bf16 else "the GPU has no bf16 (it needs compute capability 8.0)"
+            return "fp16", f"{why}; with DeepSpeed's dynamic loss scaling"
+        return "fp32", "as given by --bf16 / --fp16 false"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the rule, as a torch dtype: what inference loads a model in."""
+        return DTYPES[self.precision()[0]]
 
     @property
     def runs_flash_attention(self) -> bool:

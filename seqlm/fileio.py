@@ -2,9 +2,12 @@
 know later that it still is."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,8 +16,31 @@ import xxhash
 
 
 def partial_name(path: Path) -> Path:
-    # Hidden, per-process and never the final name, so a crash cannot leave something that looks complete.
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+    # Hidden, per-process and never the final name, so a crash cannot leave something that looks complete; named by
+    # host too, as nodes writing into one shared folder have their own process ids.
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+
+
+def stale_partials(path: Path) -> list[Path]:
+    """The partial outputs of `path` that nobody is writing any more: those of this host whose process has ended
+    (or has this process's id: a crashed one that had it). Another node's are left alone: its process may be writing
+    on a shared disk, and its own next run removes what it left."""
+    host, found = socket.gethostname(), []
+    for partial in path.parent.glob(f".{path.name}.*.partial"):
+        owner, _, pid = partial.name[len(path.name) + 2:-len(".partial")].rpartition(".")
+        if owner == host and pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            found.append(partial)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextmanager
@@ -30,10 +56,29 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)  # a folder cannot be renamed onto a non-empty one; rebuilding replaces it
-        os.replace(tmp, path)
+            _exchange(tmp, path)  # a folder cannot be renamed onto a non-empty one: swap them, then remove the old
+        else:
+            os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step (Linux renameat2), so that a reader sees the old folder or the new one, never
+    none or a half-removed one. Where the file system cannot (EINVAL: some network file systems), the old one is
+    renamed aside first: missing for an instant, never half-removed."""
+    if _LIBC.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return
+    if ctypes.get_errno() != errno.EINVAL:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+    aside = a.with_name(a.name + ".old")
+    os.replace(b, aside)
+    os.replace(a, b)
+    os.replace(aside, a)  # the old folder, removed with the temporary one
 
 
 def _remove(path: Path) -> None:

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from seqlm import paths
+from seqlm.device import Device
 from seqlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,11 @@ def parameter_count(config: PretrainedConfig) -> int:
 
 
 def inference_device() -> tuple[str, torch.dtype]:
-    """Where and in what precision chat.py and serve.py run a model on this machine: a GPU in bf16 (fp16 where bf16 is
-    not supported), else Apple's GPU or the CPU in fp32."""
+    """Where and in what precision chat.py, serve.py, evaluate.py and benchmark.py run a model on this machine: the
+    first GPU in the precision training would take on it (seqlm.device: bf16 from compute capability 8.0, else
+    fp16), else Apple's GPU or the CPU in fp32."""
     if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return "cuda", Device.from_properties(torch.cuda.get_device_properties(0)).dtype
     return "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
 
 

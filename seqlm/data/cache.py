@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from seqlm.fileio import atomic_output, file_digest, file_listing, file_lock, listing_difference
+from seqlm.fileio import atomic_output, file_digest, file_listing, file_lock, listing_difference, stale_partials
 
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.uint32  # the Qwen vocabulary has more than 65,535 entries
@@ -75,7 +75,7 @@ def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokeniz
             check_cache(folder)
             return folder
         # Whoever holds the lock builds: a partial folder of this cache is what a killed build left.
-        for stale in cache_root.glob(f".{folder.name}.*.partial"):
+        for stale in stale_partials(folder):
             print(f"removing {stale}, left by a tokenization that was stopped")
             shutil.rmtree(stale, ignore_errors=True)
         manifest = dict(format=version, source=str(source.resolve()), source_digest=source_digest,

@@ -4,16 +4,34 @@ table, does not load transformers and torch."""
 from __future__ import annotations
 
 import logging
+import random
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from seqlm.data.conversation import is_chat_model
 from seqlm.evaluation.benchmarks import Benchmark, log_keys, markdown, resolve, run_suite, write_task_files
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global random generators as they were before: lm-eval's simple_evaluate seeds
+    all three (its defaults), and training draws from them after the suite (dropout; the random state a checkpoint
+    saves), so a run that scores benchmarks trains exactly as one that does not."""
+    python, numpy = random.getstate(), np.random.get_state()
+    # This rank's GPU only: asking another's state would open a CUDA context on it.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
 
 
 class BenchmarkCallback(TrainerCallback):
@@ -50,9 +68,10 @@ class BenchmarkCallback(TrainerCallback):
         control.should_log = True  # on every process: the log entry gathers the loss from all of them
         if state.is_world_process_zero:
             start = time.perf_counter()
-            rows = run_suite(model, self.tokenizer, self.benchmarks, Path(self.task_dir.name), chat=self.chat,
-                             batch_size=self.batch_size, max_length=self.max_length,
-                             prefix_token_id=self.separator_id, limit=self.limit)
+            with random_state_kept():
+                rows = run_suite(model, self.tokenizer, self.benchmarks, Path(self.task_dir.name), chat=self.chat,
+                                 batch_size=self.batch_size, max_length=self.max_length,
+                                 prefix_token_id=self.separator_id, limit=self.limit)
             self.pending = log_keys(rows)
             seconds = time.perf_counter() - start
             if self.throughput is not None:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -100,6 +101,38 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike, quiet: bool = Fals
         if not quiet:
             log.warning("skipping %s: %s; it is left on disk for you to inspect or delete", folder, reason)
     return None
+
+
+def agreed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """latest_complete_checkpoint, decided once for every rank: each rank says which checkpoint it sees complete
+    (sizes only: cheap), and unless all see the same, every rank raises the same ValueError, in one line naming what
+    each saw (an output dir on a node-local disk, or a read error on one node); then the first rank alone checks the
+    content (GBs read once, not once per rank) and tells the others what to resume from. Resuming different steps
+    would hang the ranks at their first collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return latest_complete_checkpoint(output_dir)
+    try:
+        newest = latest_complete_checkpoint(output_dir, quiet=True)
+        seen = newest.name if newest else "none"
+    except OSError as e:
+        seen = f"an error ({e})"
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), seen))
+    if len({view for _, view in views}) > 1:
+        raise ValueError(f"the ranks see different checkpoints in {output_dir} ("
+                         + ", ".join(f"rank {rank} on {host}: {view}" for rank, (host, view) in enumerate(views))
+                         + "): put --output_dir on a disk every node shares, or copy the newest checkpoint to each")
+    decision = [None]
+    if dist.get_rank() == 0:
+        try:
+            decision = [(str(latest_complete_checkpoint(output_dir) or ""), None)]
+        except OSError as e:
+            decision = [(None, f"cannot check the newest checkpoint in {output_dir} on {socket.gethostname()}: {e}")]
+    dist.broadcast_object_list(decision, src=0)
+    chosen, error = decision[0]
+    if error:
+        raise ValueError(error)
+    return Path(chosen) if chosen else None
 
 
 class CompleteCheckpoints(TrainerCallback):

@@ -1,9 +1,9 @@
 """Fit a run to the device it trains on, decided from the card before anything loads (pretrain.py and finetune.py call
 fit_to_device in the open):
 
-- precision: bf16 where the GPU has it (compute capability 8.0 or more), fp16 where it does not (DeepSpeed's dynamic
-  loss scaling: ds_config_zero2.json leaves `loss_scale` at its default 0, which means dynamic), fp32 on a CPU;
-  --bf16 / --fp16 given win;
+- precision: seqlm.device's one rule (Device.precision): bf16 where the GPU has it (compute capability 8.0 or more),
+  fp16 where it does not (DeepSpeed's dynamic loss scaling: ds_config_zero2.json leaves `loss_scale` at its default 0,
+  which means dynamic; seqlm.training.preflight refuses a static one), fp32 on a CPU; --bf16 / --fp16 true win;
 - attention: flash-attention 2 where it is installed and runs (compute capability 8.0 or more), else sdpa;
 - the batch shape: `--per_device_train_batch_size auto` takes the largest micro-batch that divides the global batch per
   rank and whose memory plan fits the GPU (seqlm.training.memory.fits: at most MEMORY_MARGIN of it);
@@ -54,17 +54,6 @@ class BatchShape:
         used = [name for name, on in (("activation checkpointing", self.checkpointing),
                                       ("Liger's fused loss", self.fused_loss)) if on]
         return " and ".join(used) or "neither activation checkpointing nor a fused loss"
-
-
-def choose_precision(device: Device, bf16: bool | None, fp16: bool | None) -> tuple[str, str]:
-    """(bf16, fp16 or fp32, why)."""
-    if bf16 is not None or fp16 is not None:
-        return "bf16" if bf16 else "fp16" if fp16 else "fp32", "as given by --bf16 / --fp16"
-    if not device.is_gpu:
-        return "fp32", "no GPU"
-    if device.has_bf16:
-        return "bf16", "the GPU has bf16"
-    return "fp16", "the GPU has no bf16 (it needs compute capability 8.0); with DeepSpeed's dynamic loss scaling"
 
 
 def choose_attention(device: Device, given: str | None) -> tuple[str, str]:
@@ -159,7 +148,7 @@ def fit_to_device(config: PretrainedConfig, block_size: int, training_args, mode
     set model_args.attn_implementation, and return the TrainingArguments rebuilt with the choices: rebuilt, so that the
     Trainer's own checks and the "auto" values of the DeepSpeed config see them. Raises ValueError in one line."""
     device = device or Device.of(training_args)
-    precision, precision_reason = choose_precision(device, training_args.bf16, training_args.fp16)
+    precision, precision_reason = device.precision(training_args.bf16, training_args.fp16)
     model_args.attn_implementation, attention_reason = choose_attention(device, model_args.attn_implementation)
     log.info("on %s: %s (%s); %s attention (%s)", device.describe(), precision, precision_reason,
              model_args.attn_implementation, attention_reason)
@@ -229,7 +218,7 @@ def card_table(preset: str = "qwen2.5-0.5b", block_size: int = 2048) -> str:
             "estimated hours, 1 GPU |", "|---|---|---|---|---|---:|"]
     for name, mib, capability in COMMON_CARDS:
         device = Device(name, mib * 2**20, capability)
-        precision, _ = choose_precision(device, None, None)
+        precision, _ = device.precision()
         try:
             shape = choose_batch_shape(config, block_size, device, DEFAULT_GLOBAL_BATCH_SIZE)
             fused = "not needed"

@@ -25,8 +25,11 @@ def check_readable(files: list[str], hint: str) -> None:
             raise ValueError(f"cannot read {f}: check its permissions")
 
 
-def check_ds_config(training_args) -> None:
-    """A number in the ds config that contradicts a Trainer flag would only fail after the model is built."""
+def check_ds_config(training_args, benchmarking: bool = False) -> None:
+    """A number or a precision in the ds config that contradicts a Trainer flag or the precision chosen for the device
+    would only fail, or silently train otherwise, after the model is built; so would benchmarks during training
+    (`benchmarking`) under ZeRO-3, which scores on the first rank alone: its forward pass would wait forever for
+    the parameters the other ranks hold."""
     if not training_args.deepspeed:
         return
     config = training_args.deepspeed
@@ -37,20 +40,21 @@ def check_ds_config(training_args) -> None:
         if value != "auto" and value != getattr(training_args, flag):
             raise ValueError(f"the DeepSpeed config sets {ds_key}={value} but --{flag} is "
                              f"{getattr(training_args, flag)}: set it to \"auto\" in the ds config")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    chosen = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    for precision in "bf16", "fp16":
+        enabled = config.get(precision, {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (chosen == precision):
+            raise ValueError(f"the DeepSpeed config sets {precision} enabled={str(enabled).lower()} but this run "
+                             f"trains in {chosen} (the line above says why): set \"enabled\": \"auto\" in its "
+                             f"\"{precision}\" block, or pass --{precision} {str(bool(enabled)).lower()}")
+    if benchmarking and int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ValueError("--benchmark_suite scores on the first rank alone, which ZeRO-3 cannot (each rank holds a "
+                         "part of the weights): train without it and score the saved model with benchmark.py, or use "
+                         "ZeRO-2 (ds_config_zero2.json)")
+    loss_scale = config.get("fp16", {}).get("loss_scale", 0)
+    if chosen == "fp16" and loss_scale != 0:
+        raise ValueError(f"the DeepSpeed config sets a static fp16 loss_scale of {loss_scale}, but fp16 here relies on "
+                         "dynamic loss scaling (a static scale overflows or underflows unseen): set \"loss_scale\": 0")
 
 
 def check_disk(config: PretrainedConfig, corpora: list[str], token_cache_dir: str, output_dir: str,

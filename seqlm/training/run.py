@@ -12,22 +12,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+import torch
+import torch.distributed as dist
 import transformers
 from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
 from seqlm import outputs
 from seqlm.evaluation.report import write_report
-from seqlm.training.checkpoints import export_model, latest_complete_checkpoint
+from seqlm.training.checkpoints import agreed_checkpoint, export_model, latest_complete_checkpoint
 from seqlm.training.settings import batch_split, check_same_run, ranks, settings_global_batch
 from seqlm.training.tracking import start_swanlab
 from seqlm.training.trainer import NonFiniteLoss, SafeTrainer
 from seqlm.training.universal import universal_checkpoint
 
 log = logging.getLogger(__name__)
-LOW_DISK = 1e9  # bytes: below this, a failure while training is taken for a full disk
-# What gloo and NCCL say when a peer process is gone
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
-             "Socket Timeout")
+LOW_DISK = 1e9  # bytes: below this, a failure of torch.save's writer is taken for a full disk
+SECRETS_FILE = "SEQLM_SECRETS_FILE"  # set by launch.sh on the nodes it starts over ssh
 
 
 def fail(message: str) -> NoReturn:
@@ -36,8 +36,25 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def read_forwarded_secrets() -> None:
+    """The tokens and keys launch.sh gave this node over ssh (a file only the user can read; see launch.sh), into the
+    environment, where huggingface_hub and swanlab look for them. Variables set on the node itself win."""
+    path = os.environ.pop(SECRETS_FILE, None)
+    if path is None:
+        return
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as e:
+        fail(f"cannot read the run's tokens that launch.sh copied to this node ({e}): check that ssh from the first "
+             "node reaches this one as the same user, and rerun")
+    for line in lines:
+        name, _, value = line.partition("=")
+        os.environ.setdefault(name, value)
+
+
 def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
     """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
+    read_forwarded_secrets()
     parser = HfArgumentParser(dataclass_types)
     try:
         if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -71,7 +88,7 @@ def checkpoint_to_resume(training_args: TrainingArguments, settings: dict) -> tu
     one written by another number of ranks with the same global batch is converted for this one."""
     if not training_args.do_train:
         return training_args.resume_from_checkpoint, False
-    last = training_args.resume_from_checkpoint or latest_complete_checkpoint(training_args.output_dir)
+    last = training_args.resume_from_checkpoint or agreed_checkpoint(training_args.output_dir)
     if last is None:
         return None, False
     last = Path(last)
@@ -107,25 +124,63 @@ def start_tracking(training_args: TrainingArguments, swanlab_run_mode: str | Non
 @contextmanager
 def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
     """Failures an operator meets on a long run end in one line that says what happened and what to do: a non-finite
-    loss, a full disk, another rank that died. A rerun of the same command resumes from the newest complete
+    loss, GPU memory exhausted, a full disk, another rank that died, each told by the error's type, errno and origin
+    (not its wording, nor the free space alone). A rerun of the same command resumes from the newest complete
     checkpoint; an unfinished one is skipped."""
     try:
         yield
     except NonFiniteLoss as e:
         fail(str(e))
+    except torch.OutOfMemoryError as e:
+        fail(f"rank {training_args.process_index} ran out of GPU memory ({str(e).splitlines()[0][:200]}): lower "
+             f"--per_device_train_batch_size, or set it to auto to fit the card; {resume_hint(training_args)}")
     except (OSError, RuntimeError) as e:
-        last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
-        resume = f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
         free = shutil.disk_usage(training_args.output_dir).free
-        # torch.save on a full disk says no more than "file write failed" or "unexpected pos": go by the free space.
-        if getattr(e, "errno", None) == errno.ENOSPC or free < LOW_DISK:
+        if full_disk(e, free):
             error = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free; the error: {error}): "
-                 f"free some space or point --output_dir elsewhere; {resume}")
-        if any(sign in str(e) for sign in PEER_GONE):
+                 f"free some space or point --output_dir elsewhere; {resume_hint(training_args)}")
+        if lost_peer(e):
             fail(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another rank, "
-                 f"which stopped (its own lines above say why): {resume}")
+                 f"which stopped (its own lines above say why): {resume_hint(training_args)}")
         raise
+
+
+def resume_hint(training_args: TrainingArguments) -> str:
+    last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
+    return f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and those it was raised from or while handling."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _raised_in(error: BaseException, where: str) -> bool:
+    """Whether a frame of the error's traceback is in the file or folder `where`."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(where):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def full_disk(error: BaseException, free: int) -> bool:
+    """ENOSPC or EDQUOT anywhere in the chain; or torch.save's writer failing, which carries no errno ("file write
+    failed", "unexpected pos"), on a disk with less than LOW_DISK free. Not any error on a nearly full disk."""
+    if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)):
+        return True
+    return free < LOW_DISK and isinstance(error, RuntimeError) and _raised_in(error, torch.serialization.__file__)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """torch.distributed's own error types (NCCL: DistBackendError, the store: DistNetworkError); gloo raises a plain
+    RuntimeError from inside the collective, which is what identifies it."""
+    return isinstance(error, dist.DistError) or (
+        type(error) is RuntimeError and _raised_in(error, os.path.dirname(dist.__file__) + os.sep))
 
 
 def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,

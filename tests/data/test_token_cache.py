@@ -6,9 +6,11 @@ import gzip
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -20,8 +22,8 @@ from transformers import AutoTokenizer
 from seqlm.data import token_cache
 from seqlm.data.cache import DamagedCache
 from seqlm.data.corpus import CorruptInput
-from seqlm.fileio import partial_name
 from seqlm.data.token_cache import BlockDataset, TokenCache, build_token_cache
+from seqlm.fileio import atomic_output, partial_name
 from seqlm.tokenizer import offline_tokenizer_dir
 
 
@@ -276,12 +278,21 @@ def test_leftovers_of_a_crashed_build_are_not_reused(tmp_path, offline_qwen_toke
     stale = partial_name(folder)
     stale.mkdir()
     (stale / "tokens.bin").write_bytes(b"\0" * 64)
-    orphan = folder.with_name(f".{folder.name}.999999999.partial")  # of another process, killed: nobody removed it
+    host = socket.gethostname()
+    orphan = folder.with_name(f".{folder.name}.{host}.999999999.partial")  # of another process, killed
     shutil.copytree(stale, orphan)
-    again = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
+    # a build in progress here, and one on another node that shares this folder with its own process ids
+    with subprocess.Popen(["sleep", "600"]) as running:
+        building = [folder.with_name(f".{folder.name}.{host}.{running.pid}.partial"),
+                    folder.with_name(f".{folder.name}.other-node.{os.getpid()}.partial")]
+        for partial in building:
+            shutil.copytree(stale, partial)
+        again = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
+        running.kill()
     assert again == folder
     assert [d.tolist() for d in TokenCache(folder).documents()] == reference
     assert not stale.exists() and not orphan.exists()
+    assert all(partial.is_dir() for partial in building), "another build's folder is never removed"
 
 
 def test_no_valid_line_and_missing_source(tmp_path, offline_qwen_tokenizer):
@@ -353,3 +364,37 @@ def test_concurrent_builders_build_once(tmp_path, capsys, peoples_daily_lines, p
     cache = TokenCache(folder)
     assert cache.manifest["num_docs"] == 4 * len(peoples_daily_texts)
     assert cache.num_tokens == 4 * sum(len(d) for d in expected_docs(offline_qwen_tokenizer, peoples_daily_texts))
+
+
+def test_a_rebuilt_folder_replaces_the_old_one_in_one_step(tmp_path):
+    """A reader (on another node, say) finds every file of the folder while it is replaced, in the old version or the
+    new: never a folder half removed, never none."""
+    folder = tmp_path / "cache"
+    files = [f"part-{i}.bin" for i in range(40)]
+
+    def write(version: int) -> None:
+        with atomic_output(folder) as tmp:
+            tmp.mkdir()
+            for name in files:
+                (tmp / name).write_text(str(version))
+
+    write(0)
+    seen, done = [], threading.Event()
+
+    def read() -> None:  # each file by its path, as a reader that opens one finds it
+        while not done.is_set():
+            for name in files:
+                try:
+                    seen.append(int((folder / name).read_text()) >= 0)
+                except FileNotFoundError:
+                    seen.append(False)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for version in range(1, 60):
+        write(version)
+    done.set()
+    reader.join()
+    assert len(seen) > 100 and all(seen)
+    assert {(folder / name).read_text() for name in files} == {"59"}
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]

@@ -405,6 +405,34 @@ def test_training_scores_the_suite_every_n_steps_and_at_the_end(tmp_path, offlin
     assert (tmp_path / "run" / "plots" / "benchmark_bits_per_byte.png").is_file()
 
 
+def test_a_run_that_scores_benchmarks_trains_exactly_as_one_that_does_not(tmp_path, offline_qwen_tokenizer,
+                                                                          peoples_daily_texts):
+    """With attention dropout on, every step draws from torch's global generator, which lm-eval reseeds: the losses
+    after a suite tell whether training went on from the state it had."""
+    heldout = write_jsonl(tmp_path / "val.jsonl", [t[:200] for t in peoples_daily_texts[:3]])
+    train = write_jsonl(tmp_path / "train.jsonl", peoples_daily_texts[10:14])
+    blocks = BlockDataset(build_token_cache(train, offline_qwen_tokenizer, ENDOFTEXT, tmp_path / "cache"), 32)
+    config = load_config("tiny")
+    config.attention_dropout = 0.1
+
+    def losses(scoring: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        options = BenchmarkArguments(benchmark_suite="local", benchmark_steps=2, benchmark_data_dir=str(tmp_path))
+        callbacks = [BenchmarkCallback.from_args(options, offline_qwen_tokenizer, max_length=64,
+                                                 separator_id=ENDOFTEXT, heldout_file=str(heldout))] if scoring else []
+        args = TrainingArguments(output_dir=str(tmp_path / f"run-{scoring}"), use_cpu=True, report_to="none",
+                                 max_steps=5, per_device_train_batch_size=2, logging_steps=1, save_strategy="no",
+                                 disable_tqdm=True, seed=3)
+        trainer = SafeTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                              callbacks=callbacks)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    scored = losses(scoring=True)
+    assert len(scored) == 5 and scored == losses(scoring=False)
+
+
 def test_throughput_leaves_out_the_time_a_suite_took(monkeypatch):
     clock = iter([100.0, 160.0, 160.0])  # interval start, the log, the next start
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))

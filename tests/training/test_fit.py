@@ -1,21 +1,26 @@
 """Fitting a run to the GPU: precision, attention and the batch shape chosen from a card's properties (memory, compute
 capability) by the real planner, the global batch kept in every case, and the launcher's device flags."""
+import json
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import REPO
 from transformers import HfArgumentParser
 
 from seqlm.device import Device
-from seqlm.model import load_config, parameter_count
+from seqlm.model import inference_device, load_config, parameter_count
 from seqlm.training.arguments import ModelArguments, PretrainingArguments
-from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, choose_precision, fit_to_device
+from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, fit_to_device
 from seqlm.training.memory import plan_memory
+from seqlm.training.preflight import check_ds_config
 
 MiB = 2**20
 # name as the driver reports it, memory as nvidia-smi reports it, compute capability
@@ -49,7 +54,7 @@ def test_the_choice_for_each_card(device, precision):
     """The 0.5B preset, block 2048, 64 sequences a step, one GPU, ZeRO-2: the largest micro-batch dividing 64 whose
     estimate fits, with a saving only when nothing fits without it (the estimate itself is checked against the
     tensors autograd keeps, in test_memory.py)."""
-    assert choose_precision(device, None, None)[0] == precision
+    assert device.precision()[0] == precision
     shape = choose_batch_shape(QWEN, 2048, device, 64)
     n, budget = parameter_count(QWEN), MARGIN * device.memory_bytes
 
@@ -116,10 +121,75 @@ def test_given_savings_are_kept():
 @pytest.mark.parametrize("device, bf16, fp16, chosen", [
     (H100, None, None, "bf16"), (RTX_3090, None, None, "bf16"), (T4, None, None, "fp16"), (V100, None, None, "fp16"),
     (P100, None, None, "fp16"), (Device("CPU"), None, None, "fp32"),
-    (H100, None, True, "fp16"), (H100, False, None, "fp32"), (T4, True, None, "bf16"),  # the user's flags win
+    (H100, None, True, "fp16"), (T4, True, None, "bf16"),  # a flag set true wins
+    (H100, None, False, "bf16"), (H100, False, None, "fp16"), (T4, None, False, "fp32"),  # false removes its choice only
+    (H100, False, False, "fp32"), (Device("CPU"), False, None, "fp32"),
 ])
 def test_precision(device, bf16, fp16, chosen):
-    assert choose_precision(device, bf16, fp16)[0] == chosen
+    assert device.precision(bf16, fp16)[0] == chosen
+
+
+# What torch.cuda.get_device_properties reports (name, total_memory, major, minor), from the cards themselves.
+PROPERTIES = {"Tesla T4": (15_655_829_504, 7, 5), "Tesla V100-SXM2-32GB": (34_089_730_048, 7, 0),
+              "NVIDIA A100-SXM4-80GB": (85_097_971_712, 8, 0)}
+
+
+@pytest.mark.parametrize("name, dtype", [("Tesla T4", torch.float16), ("Tesla V100-SXM2-32GB", torch.float16),
+                                         ("NVIDIA A100-SXM4-80GB", torch.bfloat16)])
+def test_one_precision_rule_for_training_and_inference(name, dtype):
+    """torch.cuda.is_bf16_supported() says True on a T4 and a V100 (emulated bf16): the rule goes by the compute
+    capability, for training (Device.of) and for chat, serve, evaluate and benchmark (inference_device) alike."""
+    memory, major, minor = PROPERTIES[name]
+    device = Device.from_properties(SimpleNamespace(name=name, total_memory=memory, major=major, minor=minor))
+    assert device.dtype == dtype
+    training = fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), device)
+    assert (training.bf16, training.fp16) == (dtype == torch.bfloat16, dtype == torch.float16)
+
+
+def test_inference_on_a_cpu_is_fp32():
+    assert inference_device() == ("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("device, ds_precision, flags, error", [
+    (T4, {"bf16": {"enabled": True}}, [],
+     "the DeepSpeed config sets bf16 enabled=true but this run trains in fp16 (the line above says why): set "
+     "\"enabled\": \"auto\" in its \"bf16\" block, or pass --bf16 true"),
+    (H100, {"fp16": {"enabled": True}}, [], "the DeepSpeed config sets fp16 enabled=true but this run trains in bf16"),
+    (H100, {"bf16": {"enabled": False}}, [], "the DeepSpeed config sets bf16 enabled=false but this run trains in bf16"),
+    (V100, {"fp16": {"enabled": "auto", "loss_scale": 128}}, [],
+     "the DeepSpeed config sets a static fp16 loss_scale of 128, but fp16 here relies on dynamic loss scaling"),
+])
+def test_a_ds_config_that_contradicts_the_precision_is_one_line(tmp_path, device, ds_precision, flags, error):
+    config = {**json.loads((REPO / "ds_config_zero2.json").read_text()), **ds_precision}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    args = parse(*flags)
+    args.deepspeed = str(tmp_path / "ds.json")
+    with pytest.raises(ValueError, match="^" + re.escape(error)):
+        check_ds_config(fit_to_device(load_config("tiny"), 128, args, ModelArguments(), device))
+
+
+def test_fp16_false_alone_keeps_bf16_on_a_card_that_has_it():
+    args = fit_to_device(load_config("tiny"), 128, parse("--fp16", "false"), ModelArguments(), H100)
+    assert (args.bf16, args.fp16) == (True, False)
+
+
+def test_benchmarks_during_training_under_zero_3_are_one_line(tmp_path):
+    config = json.loads((REPO / "ds_config_zero2.json").read_text())
+    config["zero_optimization"]["stage"] = 3
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    args = parse()
+    args.deepspeed = str(tmp_path / "ds.json")
+    args = fit_to_device(load_config("tiny"), 128, args, ModelArguments(), H100)
+    with pytest.raises(ValueError, match=r"^--benchmark_suite scores on the first rank alone, which ZeRO-3 cannot "
+                                         r"\(each rank holds a part of the weights\): train without it and score the "
+                                         r"saved model with benchmark.py, or use ZeRO-2 \(ds_config_zero2.json\)$"):
+        check_ds_config(args, benchmarking=True)
+    check_ds_config(args)  # ZeRO-3 itself is fine
+
+
+def test_the_shipped_ds_config_takes_every_precision():
+    for device in T4, H100, Device("CPU"):
+        check_ds_config(fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), device))
 
 
 def test_flash_attention_only_where_it_runs():
@@ -211,10 +281,11 @@ def test_launcher_passes_no_precision_flag(tmp_path, gpu, device_flags):
     stand_in(tmp_path, "deepspeed", 'printf "%s\\n" "$@"\n')
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("NUM_GPUS", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(["bash", str(REPO / "launch.sh"), "pretrain.py", "--learning_rate", "1e-4"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    given = result.stdout.split()
+    given = " ".join(line for line in result.stdout.splitlines() if not line.startswith("training on GPU")).split()
     script = given.index("pretrain.py")
     assert given[:3] == ["--num_gpus", "1", "--master_port"]
     assert given[script + 1:] == [*device_flags, "--learning_rate", "1e-4"]

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -17,11 +19,13 @@ import xxhash
 from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
 from safetensors.torch import load_file
 
+from seqlm.data.demo import free_port
 from seqlm.fileio import check_disk_space
 from seqlm.model import load_config
 from seqlm.outputs import COMPLETE_MARKER as MARKER
-from seqlm.training.checkpoints import latest_complete_checkpoint
+from seqlm.training.checkpoints import incomplete_reason, latest_complete_checkpoint
 from seqlm.training.preflight import check_disk
+from seqlm.training.universal import convert
 
 # A ZeRO-2 checkpoint a parameter, at most: fp32 weights in model.safetensors (4), the fp32 master copy and Adam's
 # two moments (12), and DeepSpeed's own copy of the module's weights in the training precision (2 in bf16, 4 in fp32).
@@ -139,17 +143,45 @@ def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tm
     assert f"after resuming from {checkpoint}: stopping. That checkpoint is the suspect" in log
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 600 MB file system (tmpfs): room for one checkpoint of the tiny preset (≈ 400 MB), not for two."""
-    mount = tmp_path / "small"
+@contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A file system of `size` (mount's -o size=, e.g. 600m) at `mount`, for as long as the block runs."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("needs to mount a tmpfs (root)")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 MB file system (tmpfs): room for one checkpoint of the tiny preset (≈ 400 MB), not for two."""
+    with tmpfs(tmp_path / "small", "600m") as mount:
+        yield mount
+
+
+@pytest.mark.slow
+def test_a_universal_conversion_needs_room_for_its_peak_and_no_more(data, tmp_path):
+    """DeepSpeed's ds_to_universal writes the optimizer state twice over (per-parameter slices, then their merge)
+    beside the model states: a disk that holds the step folder but not that peak is refused before anything is
+    written; one just above the peak converts."""
+    out = tmp_path / "out"
+    pretrain_sh(data, out, *TINY_RUN, "--eval_strategy", "no", "--max_steps", "2", "--save_steps", "2",
+                "--per_device_train_batch_size", "2", ranks=2)
+    step = out / "checkpoint-2" / "global_step2"
+    everything = sum(f.stat().st_size for f in step.iterdir())
+    optimizer = sum(f.stat().st_size for f in step.glob("*optim_states.pt"))
+    with tmpfs(tmp_path / "short", f"{(everything + optimizer // 2) >> 10}k") as disk:
+        with pytest.raises(ValueError, match=r"^converting .*checkpoint-2 for 1 rank needs about 0\.\d GB but only "
+                                             r"0\.\d GB are free on "):
+            convert(out / "checkpoint-2", disk / "universal" / "checkpoint-2", 1)
+        assert list(disk.iterdir()) == []
+    with tmpfs(tmp_path / "enough", f"{(everything + optimizer) * 21 // 20 >> 10}k") as disk:
+        convert(out / "checkpoint-2", disk / "universal" / "checkpoint-2", 1)
+        assert incomplete_reason(disk / "universal" / "checkpoint-2") is None
 
 
 def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
@@ -162,6 +194,53 @@ def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
                      rf"or point --output_dir elsewhere; rerunning the same command resumes from "
                      rf"{re.escape(str(out / 'checkpoint-2'))}$", errors[0]), errors[0]
     assert latest_complete_checkpoint(out) == out / "checkpoint-2"
+
+
+FAILURE = """
+import logging, os, sys, types
+import torch, torch.distributed as dist
+from seqlm.training.run import one_line_on_failure
+logging.basicConfig(format="%(message)s")
+args = types.SimpleNamespace(output_dir=sys.argv[1], process_index=0, world_size=2)
+with one_line_on_failure(args):
+    exec(sys.argv[2])
+"""
+
+
+def failure_line(output_dir: Path, code: str) -> str:
+    """What one_line_on_failure says when `code` fails inside it, on a disk of `output_dir`: its one line, or the
+    last line of the traceback of an error it let through."""
+    result = subprocess.run([sys.executable, "-c", FAILURE, str(output_dir), code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_disk):
+    out = small_disk / "out"
+    out.mkdir()  # a 600 MB disk: less than 1 GB free all along
+    line = failure_line(out, "open(os.path.join(sys.argv[1], 'big'), 'wb').write(bytes(700 << 20))")
+    assert line.startswith(f"the disk of {out} is full (0.") and "No space left on device" in line, line
+    (out / "big").unlink()
+    line = failure_line(out, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')")
+    assert line == ("rank 0 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower "
+                    "--per_device_train_batch_size, or set it to auto to fit the card; rerunning the same command "
+                    "resumes from the start (no complete checkpoint yet)")
+    line = failure_line(out, "raise RuntimeError('Connection closed by peer: the words, not a peer')")
+    assert line == "RuntimeError: Connection closed by peer: the words, not a peer"  # neither full disk nor peer
+
+
+def test_a_peer_lost_in_a_collective_is_told_by_where_it_was_raised(tmp_path):
+    """Two gloo ranks; the second leaves after one all-reduce, the first fails in the next."""
+    port = free_port()
+    join = (f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=RANK, world_size=2); "
+            "dist.all_reduce(torch.ones(4))")
+    peer = subprocess.Popen([sys.executable, "-c", f"import torch, torch.distributed as dist, os; RANK = 1; {join}; "
+                             "os._exit(0)"], cwd=REPO)
+    line = failure_line(tmp_path, f"RANK = 0; {join}; import time; time.sleep(2); dist.all_reduce(torch.ones(4))")
+    peer.wait(timeout=60)
+    assert line == ("rank 0 of 2 lost contact with another rank, which stopped (its own lines above say why): "
+                    "rerunning the same command resumes from the start (no complete checkpoint yet)")
 
 
 def test_a_master_port_in_use_is_one_line_before_anything_starts(data, tmp_path):

@@ -13,6 +13,7 @@ to its longest conversation, so there the split changes the shapes of even that 
 difference."""
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from safetensors.torch import load_file
 
 from seqlm.fileio import file_listing
 from seqlm.outputs import COMPLETE_MARKER
-from seqlm.training.checkpoints import incomplete_reason
+from seqlm.training.checkpoints import incomplete_reason, mark_complete
 
 RUN = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "3", "--max_steps", "6"]
 SFT = [*TINY_SFT, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "3", "--max_steps", "6"]
@@ -41,18 +42,20 @@ LOSS_TOLERANCE = 2e-6  # relative: a float32 ulp at a loss of 11 is 9.5e-7
 WEIGHT_TOLERANCE = 5e-5  # absolute; measured: 3e-6 to 9e-6
 
 
-def two_nodes(data, out: Path, tmp_path: Path, *args: str) -> None:
+def two_nodes(data, out: Path | tuple[Path, Path], tmp_path: Path, *args: str, expect_ok=True) -> list[str]:
     """pretrain.sh started once per node, as docs/multi-gpu.md says for nodes without ssh: here both on this machine, with
-    one rank each."""
+    one rank each; `out` is a pair for nodes with an output dir each (node-local disks). The nodes' outputs."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    command, env = pretrain_command(data, out, *args)
+    outs = out if isinstance(out, tuple) else (out, out)
+    command, env = pretrain_command(data, outs[0], *args)
     env.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen(command, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    for node in nodes:
-        output, _ = node.communicate(timeout=900)
-        assert node.returncode == 0, output[-3000:]
+    nodes = [subprocess.Popen(command, env={**env, "NODE_RANK": str(rank), "OUTPUT_DIR": str(outs[rank])},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert (node.returncode == 0) == expect_ok, output[-3000:]
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +114,29 @@ def test_two_nodes_on_one_machine_train_as_two_ranks_on_one_node(pretrained):
     assert settings["world_size"] == 2
 
 
+def test_nodes_that_see_different_checkpoints_stop_in_one_line_saying_so(data, tmp_path):
+    """Node 0's output dir holds a complete checkpoint, node 1's (another disk) none: resuming step 3 on one and
+    starting afresh on the other would hang at the first collective."""
+    node_disks = (tmp_path / "node0", tmp_path / "node1")
+    checkpoint = node_disks[0] / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    mark_complete(checkpoint)
+    outputs = two_nodes(data, node_disks, tmp_path, *RUN, *TWO_RANKS, expect_ok=False)
+    host = socket.gethostname()
+    for output in outputs:
+        assert f"(rank 0 on {host}: checkpoint-3, rank 1 on {host}: none): put --output_dir on a disk every node " \
+               "shares, or copy the newest checkpoint to each" in output, output[-3000:]
+        assert "Traceback" not in output
+    assert not (node_disks[1] / "checkpoint-3").exists()
+
+
 def test_a_run_of_two_nodes_resumes_on_one_rank(data, pretrained, tmp_path):
     out = preempted(pretrained / "two_nodes", 3, tmp_path / "out")
     original = file_listing(out / "checkpoint-3", [str(p.relative_to(out / "checkpoint-3"))
                                                    for p in (out / "checkpoint-3").rglob("*") if p.is_file()])
     # A conversion killed midway left its temporary folder, and a rerun before it an unfinished result:
-    (out / "universal" / ".checkpoint-3.999999.partial").mkdir(parents=True)
+    (out / "universal" / f".checkpoint-3.{socket.gethostname()}.999999999.partial").mkdir(parents=True)
     (out / "universal" / "checkpoint-3").mkdir()
     log = pretrain_sh(data, out, *RUN, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
     assert "universal/checkpoint-3 is not usable (it was never finished (no complete.json)): converting again" in log
