@@ -4,6 +4,7 @@ report."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 import transformers
+import yaml
 from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
 from seqlm import outputs
@@ -36,22 +38,49 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
-    """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
+ARGS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """The dataclasses, from command-line flags, or from a .json or .yaml file of them that flags may follow:
+    `pretrain.py args.yaml --learning_rate 3e-4`. The file's values stand in for the defaults, so a flag wins over
+    the file wherever it stands."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(dataclass_types)
     try:
-        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-        elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-            parsed = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-        else:
-            parsed = parser.parse_args_into_dataclasses()
-    except ValueError as e:  # a value the arguments' own checks refuse: one line, not a traceback
+        # The file is the one argument no flag takes as its value (`--deepspeed ds.json` is a flag's).
+        _, rest = parser.parse_known_args(argv)
+        files = [a for a in rest if not a.startswith("-") and a.endswith(ARGS_FILE_SUFFIXES)]
+        if len(files) > 1:
+            raise ValueError(f"{len(files)} files of arguments ({', '.join(files)}): pass one, and flags after it")
+        if files:
+            parser.set_defaults(**read_args_file(files[0], parser))
+            argv.remove(files[0])
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except (OSError, ValueError) as e:  # a value the arguments' own checks refuse: one line, not a traceback
         fail(str(e).splitlines()[0])
     for args in parsed:
         if getattr(args, "hub_token", None):  # huggingface_hub reads it from the environment; saved arguments must not
             os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
     return tuple(parsed)
+
+
+def read_args_file(path: str, parser: HfArgumentParser) -> dict:
+    """The {argument: value} mapping of a .json or .yaml file; ValueError, in one line, for anything else."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must map argument names to values ({{\"learning_rate\": 3e-4, ...}})")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument {', '.join(unknown)} (`python {Path(sys.argv[0]).name} --help` "
+                         "lists them)")
+    return values
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
