@@ -1,7 +1,6 @@
 """The Makefile, run by the real make."""
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import REPO
 

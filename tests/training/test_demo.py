@@ -24,8 +24,8 @@ def test_demo_trains_on_cpu_ranks_where_there_are_gpus(tmp_path):
     for name, text in (("nvidia-smi", NVIDIA_SMI), ("deepspeed", DEEPSPEED.format(record=record))):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "DEMO_DATA": str(tmp_path / "data"), "DEMO_OUTPUT": str(tmp_path / "out")}
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path, "DEMO_DATA": str(tmp_path / "data"), "DEMO_OUTPUT": str(tmp_path / "out")}
     for key in ("NUM_GPUS", "DEVICE", "DS_ACCELERATOR"):
         env.pop(key, None)
     result = subprocess.run(["bash", str(REPO / "demo.sh")], env=env, capture_output=True, text=True, timeout=600)
