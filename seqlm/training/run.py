@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
 
+import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainerState, TrainingArguments
@@ -20,7 +21,13 @@ from transformers import HfArgumentParser, TrainerState, TrainingArguments
 from seqlm import outputs
 from seqlm.evaluation.report import write_report
 from seqlm.training.checkpoints import export_model, latest_complete_checkpoint
-from seqlm.training.settings import batch_split, check_same_run, ranks, settings_global_batch
+from seqlm.training.settings import (
+    DEFAULT_ACCUMULATION,
+    batch_split,
+    check_same_run,
+    ranks,
+    settings_global_batch,
+)
 from seqlm.training.tracking import start_swanlab
 from seqlm.training.trainer import NonFiniteLoss, SafeTrainer
 from seqlm.training.universal import universal_checkpoint
@@ -144,7 +151,17 @@ def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
         fail(str(e))
     except (OSError, RuntimeError) as e:
         last = latest_complete_checkpoint(training_args.output_dir, quiet=True)
-        resume = f"rerunning the same command resumes from {last or 'the start (no complete checkpoint yet)'}"
+        since = last or "the start (no complete checkpoint yet)"
+        resume = f"rerunning the same command resumes from {since}"
+        if isinstance(e, torch.OutOfMemoryError):
+            # A micro-batch given alone makes its own global batch (x DEFAULT_ACCUMULATION x GPUs): another run,
+            # which would not resume this one. Naming the global batch keeps it.
+            micro, global_batch = training_args.per_device_train_batch_size, training_args.global_batch_size
+            fail(f"out of GPU memory with a micro-batch of {micro} (the log's memory plan line says where it goes): "
+                 f"rerun with --per_device_train_batch_size {max(1, micro // 2)} --global_batch_size {global_batch} "
+                 "(the same global batch, more accumulation steps; a micro-batch alone would make it micro-batch x "
+                 f"{DEFAULT_ACCUMULATION} x GPUs), or --activation_checkpointing true, or --per_device_train_batch_size "
+                 f"auto; it resumes from {since}")
         free = shutil.disk_usage(training_args.output_dir).free
         # torch.save on a full disk says no more than "file write failed" or "unexpected pos": go by the free space.
         if getattr(e, "errno", None) == errno.ENOSPC or free < LOW_DISK:
