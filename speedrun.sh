@@ -19,6 +19,7 @@
 #   PRETRAIN_STEPS, SFT_STEPS   optimizer steps (default: one epoch of each subset)
 #   PRETRAIN_ARGS, SFT_ARGS     more flags for pretrain.sh and finetune.sh, e.g. PRETRAIN_ARGS="--block_size 1024"
 #   BENCHMARK_SUITE  what benchmark.py scores (default: default; demo: local, the held-out bits per byte)
+#   BENCHMARK_ARGS   more flags for benchmark.py, e.g. "--limit 100" (the first 100 documents of each task)
 #   DATA_DIR         data, subsets and token caches (default: data)
 #   OUTPUT_ROOT      models: OUTPUT_ROOT/pretrain and OUTPUT_ROOT/sft (default: output)
 set -euo pipefail
@@ -105,7 +106,7 @@ for model in "$PRETRAINED" "$FINETUNED"; do
     step "7. benchmark $model ($BENCHMARK_SUITE)"
     complete benchmarked "$model/benchmarks" "$BENCHMARK_SUITE" ||
         python benchmark.py --model_path "$model" --suite "$BENCHMARK_SUITE" --heldout_file "$VAL" \
-            --eval_data_dir "$DATA_DIR/eval" --token_cache_dir "$CACHE"
+            --eval_data_dir "$DATA_DIR/eval" --token_cache_dir "$CACHE" ${BENCHMARK_ARGS:-}
     took
 done
 

@@ -23,8 +23,8 @@ def speedrun(tmp_path) -> str:
            "SPEEDRUN_DATA": "demo", "PRESET": "tiny", "DATA_DIR": str(tmp_path / "data"),
            "OUTPUT_ROOT": str(tmp_path / "output"), "PRETRAIN_LINES": "300", "SFT_LINES": "400",
            "PRETRAIN_STEPS": "8", "SFT_STEPS": "6", "PRETRAIN_ARGS": " ".join(PRETRAIN),
-           "SFT_ARGS": " ".join([*TINY_SFT, "--report_to", "none", "--sample_steps", "0"]), "NUM_GPUS": "1",
-           "MASTER_PORT": str(free_port())}
+           "SFT_ARGS": " ".join([*TINY_SFT, "--report_to", "none", "--sample_steps", "0"]),
+           "BENCHMARK_ARGS": "--limit 4", "NUM_GPUS": "1", "MASTER_PORT": str(free_port())}
     env.pop("OMP_NUM_THREADS", None)
     result = subprocess.run(["bash", str(REPO / "speedrun.sh")], env=env, capture_output=True, text=True,
                             timeout=1200)
