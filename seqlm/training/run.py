@@ -3,6 +3,7 @@ up logging, stop on bad input with one line, find the checkpoint to resume from,
 report."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -61,7 +62,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         if len(files) > 1:
             raise ValueError(f"{len(files)} files of arguments ({', '.join(files)}): pass one, and flags after it")
         if files:
-            parser.set_defaults(**read_args_file(files[0], parser))
+            names = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+            parser.set_defaults(**read_args_file(files[0], names))
             argv.remove(files[0])
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except (OSError, ValueError) as e:  # a value the arguments' own checks refuse: one line, not a traceback
@@ -72,7 +74,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     return tuple(parsed)
 
 
-def read_args_file(path: str, parser: HfArgumentParser) -> dict:
+def read_args_file(path: str, names: set[str]) -> dict:
     """The {argument: value} mapping of a .json or .yaml file; ValueError, in one line, for anything else."""
     text = Path(path).read_text(encoding="utf-8")
     try:
@@ -82,8 +84,7 @@ def read_args_file(path: str, parser: HfArgumentParser) -> dict:
                          f"{str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must map argument names to values ({{\"learning_rate\": 3e-4, ...}})")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{path}: unknown argument {', '.join(unknown)} (`python {Path(sys.argv[0]).name} --help` "
                          "lists them)")
