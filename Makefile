@@ -1,5 +1,5 @@
-# make demo: set up .venv and run the whole pipeline on the offline sample (CPU, a few minutes)
-# make test: set up .venv and run the test suite, less the tests marked slow (README: "Tests")
+# make demo: set up .venv and run the whole pipeline on the offline sample (CPU ranks; 12–20 minutes on 2 cores)
+# make test: set up .venv and run the test suite, less the tests marked slow (docs/development.md)
 # make test-all: set up .venv and run every test, the slow ones too (what CI runs)
 # make setup: only set up .venv (for the real run on a GPU machine: README.md)
 VENV ?= .venv
@@ -8,12 +8,16 @@ TORCH_VERSION := 2.13.0
 # A CPU-only machine that would otherwise download the CUDA build of torch can point this at a CPU wheel index.
 TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
+# The code needs Python 3.11 or newer: an older one would fail later, deep in pip's output or at the first import.
+PYTHON_FOUND = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+PYTHON_OK = $(shell $(PYTHON) -c 'import sys; print(sys.version_info >= (3, 11))' 2>/dev/null)
 
 .PHONY: setup demo test test-all clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-lock.txt
+	$(if $(filter True,$(PYTHON_OK)),,$(error $(PYTHON) is Python $(or $(PYTHON_FOUND),(none found)); this project needs 3.11 or newer: make PYTHON=python3.11))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))

@@ -60,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output_dir", help="where benchmarks.json and benchmarks.md go (default: MODEL_PATH/benchmarks)")
     p.add_argument("--batch_size", type=int, default=8, help="requests per forward pass (default: %(default)s)")
     p.add_argument("--max_length", type=int, help="longest context in tokens; longer documents are scored in windows "
-                   f"(default: the block size the checkpoint was trained with, else {DEFAULT_MAX_LENGTH})")
+                   f"(default: the block size the checkpoint was trained with, else {DEFAULT_MAX_LENGTH} or the "
+                   "model's max_position_embeddings, whichever is shorter)")
     p.add_argument("--limit", type=int, help="score at most the first N documents of each task (default: all)")
     p.add_argument("--chat_template", choices=["auto", "yes", "no"], default="auto",
                    help="ask C-Eval/CMMLU questions through the chat template: auto = when the checkpoint is "
@@ -82,8 +83,9 @@ def main() -> int:
                          Path(args.heldout_file) if heldout else None)
         config = load_config(args.model_path)
         tokenizer = load_tokenizer(args.model_path)
-        max_length = args.max_length or outputs.trained_block_size(args.model_path) or DEFAULT_MAX_LENGTH
-        check_compatible(config, tokenizer, max_length)
+        max_length = (args.max_length or outputs.trained_block_size(args.model_path)
+                      or min(DEFAULT_MAX_LENGTH, config.max_position_embeddings))
+        check_compatible(config, tokenizer, max_length, flag="--max_length")
         separator_id = document_separator(config)
     except (OSError, ValueError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

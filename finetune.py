@@ -60,18 +60,15 @@ def main() -> None:
             raise ValueError(f"--eval_strategy {training_args.eval_strategy.value} needs held-out conversations: "
                              "pass --validation_files (VALIDATION_FILE= with finetune.sh)")
         check_readable(data_args.train_files + data_args.validation_files, hint=(
-            "fetch BELLE with `python download_dataset.py --sft` (and cut a subset with `python make_subset.py "
-            "--schema sft`), or pass TRAIN_FILE= / --train_files"))
+            "cut it once with `python download_dataset.py --sft && python make_subset.py --schema sft` (100,000 "
+            f"conversations of BELLE), or pass TRAIN_FILE= / --train_files ({paths.SFT_FILE} trains on all 3.5M)"))
         if model_path == str(paths.PRETRAIN_OUTPUT) and not Path(model_path).is_dir():
             raise ValueError(f"no pretrained model in {model_path}: pretrain first (`bash pretrain.sh`), or pass "
                              "MODEL= / --model_name_or_path")
         check_model_folder(model_path)
         config = load_config(model_path)
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_path)
-        if data_args.max_length > config.max_position_embeddings:
-            raise ValueError(f"--max_length {data_args.max_length} exceeds the model's max_position_embeddings "
-                             f"{config.max_position_embeddings}: lower it")
-        check_compatible(config, tokenizer, data_args.max_length)
+        check_compatible(config, tokenizer, data_args.max_length, flag="--max_length")
         prepare_chat_tokenizer(tokenizer, data_args.system_prompt)
         samples = SamplesCallback.from_args(sample_args, tokenizer, chat=True)  # each prompt as a user turn
         benchmark = BenchmarkCallback.from_args(benchmark_args, tokenizer, max_length=data_args.max_length,

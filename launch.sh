@@ -3,6 +3,7 @@
 # the nodes of a hostfile, or on CPU ranks: `bash launch.sh SCRIPT.py ARGS...`. pretrain.sh and finetune.sh call it.
 #   NUM_GPUS     ranks on this machine (default: every GPU of CUDA_VISIBLE_DEVICES, else of the machine; or 1 CPU rank)
 #   CUDA_VISIBLE_DEVICES  the GPUs of this machine to train on (e.g. 2,3 on a shared server): honoured, and named
+#   DEVICE=cpu   CPU ranks even where there are GPUs (demo.sh)
 #   HOSTFILE     DeepSpeed hostfile for several nodes ("node1 slots=8" lines): started from the first node over ssh
 #   NODE_RANK    with HOSTFILE, no ssh: run this on every node, each with its place in the hostfile (0, 1, ...)
 #   MASTER_ADDR  with NODE_RANK: the first node's address, which every node reaches
@@ -40,7 +41,7 @@ fi
 # with the environment that built them.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(python -c 'import sys; print(sys.prefix)')/torch_extensions}
 
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+if [[ ${DEVICE:-} != cpu ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     # The GPUs the user chose: DeepSpeed's runner honours CUDA_VISIBLE_DEVICES only when no --num_gpus is given (it
     # deletes it otherwise, and the job lands on every card of a shared server, counted from GPU 0). So NUM_GPUS counts
     # within it, and the runner gets the list back (it turns it into --include localhost:LIST) instead of a count.
@@ -80,6 +81,7 @@ else
     # tiny preset). For the 0.5B preset on CPU it costs memory instead (peak 16.1 vs 12.2 GB): set both to 131072.
     export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
     DEVICE_ARGS=(--use_cpu true)
+    export DS_ACCELERATOR=cpu  # DeepSpeed would take CUDA wherever torch sees a GPU
     # DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank and port in /dev/shm, which is RAM:
     # dozens of runs filled 11 GB of a 24 GB machine. When this run ends (cleanup), remove the buffers of its port
     # that no running process still maps (another job's stay).

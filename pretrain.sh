@@ -4,6 +4,7 @@
 #   bash pretrain.sh                                  # Qwen2.5-0.5B from scratch on data/seq_monkey_1M.jsonl
 #   NUM_GPUS=4 bash pretrain.sh --learning_rate 3e-4  # any pretrain.py / TrainingArguments flag passes through
 #   HOSTFILE=hostfile bash pretrain.sh                # several nodes (see launch.sh for NUM_GPUS, HOSTFILE, MASTER_PORT)
+#   bash pretrain.sh args.yaml --max_steps 100        # arguments from a .yaml or .json file; flags after it win
 #
 # What to train on and where to write, passed on only when set: the defaults (`python pretrain.py --help`) live in
 # seqlm/training/arguments.py and seqlm/paths.py.
@@ -17,7 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-exec bash launch.sh pretrain.py \
+# A file of arguments comes first, where no flag that takes a list of values (--train_files a b) can swallow it.
+ARGS_FILE=()
+case ${1:-} in *.yaml | *.yml | *.json) ARGS_FILE=("$1"); shift ;; esac
+
+exec bash launch.sh pretrain.py "${ARGS_FILE[@]}" \
     --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
     ${PRESET:+--config_name "$PRESET"} \
     ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} \

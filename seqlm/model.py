@@ -62,10 +62,11 @@ def document_separator(config: PretrainedConfig) -> int:
     return separator
 
 
-def check_compatible(config: PretrainedConfig, tokenizer, block_size: int) -> None:
-    """Raise ValueError, in one line saying how to fix it, for a tokenizer or block size the model cannot take."""
+def check_compatible(config: PretrainedConfig, tokenizer, block_size: int, flag: str = "--block_size") -> None:
+    """Raise ValueError, in one line saying how to fix it, for a tokenizer or block size (given by `flag`) the model
+    cannot take."""
     if block_size > config.max_position_embeddings:
-        raise ValueError(f"--block_size {block_size} exceeds the model's max_position_embeddings "
+        raise ValueError(f"{flag} {block_size} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}: lower it")
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is "

@@ -52,6 +52,23 @@ def check_cache(folder: Path) -> None:
         raise DamagedCache(f"the cache {folder} is damaged: {problem}. Delete that folder and rerun to rebuild it")
 
 
+def _key(source: Path, cache_root: Path, tokenizer: PreTrainedTokenizerBase, kind: str, version: int,
+         settings: list) -> tuple[str, str, Path]:
+    """The digests of source and tokenizer, and the folder they key."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file")
+    source_digest, tok_digest = file_digest(source), tokenizer_digest(tokenizer)
+    key_parts = json.dumps([version, source_digest, tok_digest, *settings, np.dtype(TOKEN_DTYPE).str])
+    folder = cache_root / f"{source.name}-{kind}{hashlib.blake2b(key_parts.encode(), digest_size=8).hexdigest()}"
+    return source_digest, tok_digest, folder
+
+
+def is_built(source: str | os.PathLike, cache_root: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, kind: str,
+             version: int, settings: list) -> bool:
+    """Whether build_once would find a complete cache of `source` (without checking its files' digests)."""
+    return (_key(Path(source), Path(cache_root), tokenizer, kind, version, settings)[2] / MANIFEST).is_file()
+
+
 def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokenizer: PreTrainedTokenizerBase,
                kind: str, version: int, settings: list,
                build: Callable[[Path, Path, dict], tuple[str, list[str]]]) -> Path:
@@ -62,11 +79,7 @@ def build_once(source: str | os.PathLike, cache_root: str | os.PathLike, tokeniz
     (`num_tokens` at least), and returns what it made in words ("1,700 documents, 512,000 tokens") and lines of notes
     (what it skipped) to print."""
     source, cache_root = Path(source), Path(cache_root)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file")
-    source_digest, tok_digest = file_digest(source), tokenizer_digest(tokenizer)
-    key_parts = json.dumps([version, source_digest, tok_digest, *settings, np.dtype(TOKEN_DTYPE).str])
-    folder = cache_root / f"{source.name}-{kind}{hashlib.blake2b(key_parts.encode(), digest_size=8).hexdigest()}"
+    source_digest, tok_digest, folder = _key(source, cache_root, tokenizer, kind, version, settings)
     if (folder / MANIFEST).is_file():
         check_cache(folder)
         return folder

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from seqlm.data.cache import TOKEN_DTYPE, build_once, prefetch, read_manifest
+from seqlm.data.cache import TOKEN_DTYPE, build_once, is_built, prefetch, read_manifest
 from seqlm.data.corpus import LineStats, open_corpus, read_lines
 from seqlm.data.encoder import Encoder
 
@@ -71,8 +71,17 @@ def _build(tokenizer: PreTrainedTokenizerBase, separator_id: int, source: Path, 
 def build_token_cache(source: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, separator_id: int,
                       cache_root: str | os.PathLike) -> Path:
     """Return the cache folder of `source`, tokenizing it first unless a complete one exists (seqlm.data.cache)."""
-    return build_once(source, cache_root, tokenizer, "", FORMAT_VERSION, [separator_id],
+    return build_once(source, cache_root, tokenizer, *_kind_and_settings(separator_id),
                       lambda *args: _build(tokenizer, separator_id, *args))
+
+
+def token_cache_is_built(source: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, separator_id: int,
+                         cache_root: str | os.PathLike) -> bool:
+    return is_built(source, cache_root, tokenizer, *_kind_and_settings(separator_id))
+
+
+def _kind_and_settings(separator_id: int) -> tuple[str, int, list]:
+    return "", FORMAT_VERSION, [separator_id]
 
 
 class TokenCache:

@@ -23,9 +23,12 @@ from pathlib import Path
 
 import yaml
 
+from seqlm.fileio import atomic_output
+
 PARQUET_REVISION = "refs/convert/parquet"  # the hub's Parquet export of every public dataset
 HELLASWAG_ZH_FILE = "data/zh/val.jsonl"  # in alexandrainst/m_hellaswag (main branch: its zh split has no export)
 HELDOUT = "heldout_bpb"
+BENCHMARKS_FILE = "benchmarks.json"  # a run's scores, in its output folder
 CROSS_CHECK_TOLERANCE = 0.02  # a larger gap between lm-eval's bits per byte and ours gets explained in the report
 
 
@@ -283,13 +286,14 @@ def write_results(output_dir: Path, result: dict) -> tuple[Path, Path]:
     """benchmarks.json and benchmarks.md in output_dir."""
     from seqlm.evaluation.provenance import provenance
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "benchmarks.json", output_dir / "benchmarks.md"
-    json_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    json_path, md_path = output_dir / BENCHMARKS_FILE, output_dir / "benchmarks.md"
     md = [f"# Benchmarks: {result['model_path']}", "",
           f"lm-eval {result['lm_eval_version']}, {result['seconds']:.0f} s; {provenance()}", "",
           *markdown(result["rows"], result.get("cross_check"))]
-    md_path.write_text("\n".join(md), encoding="utf-8")
+    with atomic_output(md_path) as tmp:
+        tmp.write_text("\n".join(md), encoding="utf-8")
+    with atomic_output(json_path) as tmp:  # last: a run whose benchmarks.json is there is complete
+        tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return json_path, md_path
 
 

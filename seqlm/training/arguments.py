@@ -193,9 +193,10 @@ class FinetuningModelArguments(AttentionArguments):
 @dataclass
 class SFTDataArguments:
     train_files: list[str] = field(
-        default_factory=lambda: [str(paths.SFT_FILE)],
+        default_factory=lambda: [str(paths.SFT_SUBSET)],
         metadata={"help": "Conversations, JSON Lines: {\"conversations\": [{\"from\": \"human\"|\"assistant\", "
-                          "\"value\": ...}]} (BELLE) or {\"messages\": [{\"role\": ..., \"content\": ...}]}."})
+                          "\"value\": ...}]} (BELLE) or {\"messages\": [{\"role\": ..., \"content\": ...}]}. "
+                          "Default: the subset `python make_subset.py --schema sft` cuts of BELLE."})
     validation_files: list[str] = field(
         default_factory=list,
         metadata={"help": "Held-out conversations: evaluated at the end, and every --eval_steps with "

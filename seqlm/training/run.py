@@ -3,7 +3,9 @@ up logging, stop on bad input with one line, find the checkpoint to resume from,
 report."""
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -15,12 +17,19 @@ from typing import Iterator, NoReturn
 import torch
 import torch.distributed as dist
 import transformers
+import yaml
 from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
 from seqlm import outputs
 from seqlm.evaluation.report import write_report
 from seqlm.training.checkpoints import agreed_checkpoint, export_model, latest_complete_checkpoint
-from seqlm.training.settings import batch_split, check_same_run, ranks, settings_global_batch
+from seqlm.training.settings import (
+    DEFAULT_ACCUMULATION,
+    batch_split,
+    check_same_run,
+    ranks,
+    settings_global_batch,
+)
 from seqlm.training.tracking import start_swanlab
 from seqlm.training.trainer import NonFiniteLoss, SafeTrainer
 from seqlm.training.universal import universal_checkpoint
@@ -52,23 +61,50 @@ def read_forwarded_secrets() -> None:
         os.environ.setdefault(name, value)
 
 
-def parse_args(dataclass_types: tuple[type, ...]) -> tuple:
-    """The dataclasses, from command-line flags or from a single .json or .yaml file of them."""
+ARGS_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple:
+    """The dataclasses, from command-line flags, or from a .json or .yaml file of them that flags may follow:
+    `pretrain.py args.yaml --learning_rate 3e-4`. The file's values stand in for the defaults, so a flag wins over
+    the file wherever it stands."""
     read_forwarded_secrets()
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(dataclass_types)
     try:
-        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-        elif len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
-            parsed = parser.parse_yaml_file(os.path.abspath(sys.argv[1]))
-        else:
-            parsed = parser.parse_args_into_dataclasses()
-    except ValueError as e:  # a value the arguments' own checks refuse: one line, not a traceback
+        # The file is the one argument no flag takes as its value (`--deepspeed ds.json` is a flag's).
+        _, rest = parser.parse_known_args(argv)
+        files = [a for a in rest if not a.startswith("-") and a.endswith(ARGS_FILE_SUFFIXES)]
+        if len(files) > 1:
+            raise ValueError(f"{len(files)} files of arguments ({', '.join(files)}): pass one, and flags after it")
+        if files:
+            names = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
+            parser.set_defaults(**read_args_file(files[0], names))
+            argv.remove(files[0])
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except (OSError, ValueError) as e:  # a value the arguments' own checks refuse: one line, not a traceback
         fail(str(e).splitlines()[0])
     for args in parsed:
         if getattr(args, "hub_token", None):  # huggingface_hub reads it from the environment; saved arguments must not
             os.environ["HF_TOKEN"], args.hub_token = args.hub_token, None
     return tuple(parsed)
+
+
+def read_args_file(path: str, names: set[str]) -> dict:
+    """The {argument: value} mapping of a .json or .yaml file; ValueError, in one line, for anything else."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must map argument names to values ({{\"learning_rate\": 3e-4, ...}})")
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument {', '.join(unknown)} (`python {Path(sys.argv[0]).name} --help` "
+                         "lists them)")
+    return values
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -132,8 +168,15 @@ def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
     except NonFiniteLoss as e:
         fail(str(e))
     except torch.OutOfMemoryError as e:
-        fail(f"rank {training_args.process_index} ran out of GPU memory ({str(e).splitlines()[0][:200]}): lower "
-             f"--per_device_train_batch_size, or set it to auto to fit the card; {resume_hint(training_args)}")
+        # A micro-batch given alone makes its own global batch (x DEFAULT_ACCUMULATION x GPUs): another run, which
+        # would not resume this one. Naming the global batch keeps it.
+        micro, global_batch = training_args.per_device_train_batch_size, training_args.global_batch_size
+        fail(f"rank {training_args.process_index} ran out of GPU memory ({str(e).splitlines()[0][:200]}) with a "
+             f"micro-batch of {micro} (the log's memory plan line says where it goes): rerun with "
+             f"--per_device_train_batch_size {max(1, micro // 2)} --global_batch_size {global_batch} (the same global "
+             f"batch, more accumulation steps; a micro-batch alone would make it micro-batch x {DEFAULT_ACCUMULATION} "
+             "x GPUs), or --activation_checkpointing true, or --per_device_train_batch_size auto; "
+             f"{resume_hint(training_args)}")
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(training_args.output_dir).free
         if full_disk(e, free):

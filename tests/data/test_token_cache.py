@@ -165,6 +165,15 @@ def test_cache_is_reused_not_rebuilt(tmp_path, capsys, offline_qwen_tokenizer, p
     assert complete_folders(root) == [folder.name]
 
 
+def test_is_built_says_whether_a_build_would_reuse_a_cache(tmp_path, offline_qwen_tokenizer, peoples_daily_jsonl):
+    root = tmp_path / "cache"
+    assert not token_cache.token_cache_is_built(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
+    folder = build_token_cache(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
+    assert token_cache.token_cache_is_built(peoples_daily_jsonl, offline_qwen_tokenizer, ENDOFTEXT, root)
+    assert not token_cache.token_cache_is_built(peoples_daily_jsonl, offline_qwen_tokenizer, IM_END, root)
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [folder.name]  # asking built nothing
+
+
 @pytest.mark.parametrize("damage", ["changed bytes", "truncated", "missing"])
 def test_a_damaged_cache_is_refused_in_one_line_naming_the_folder(tmp_path, offline_qwen_tokenizer,
                                                                    peoples_daily_jsonl, damage):

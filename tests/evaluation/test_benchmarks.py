@@ -317,6 +317,28 @@ def test_benchmark_py_says_what_is_missing_in_one_line(checkpoint, tmp_path, mis
     assert stderr.startswith("error: ") and stderr.strip().count("\n") == 0 and "nope" in stderr
 
 
+def test_benchmark_py_scores_a_short_context_model_at_its_own_context(tmp_path, monkeypatch, capsys,
+                                                                      offline_qwen_tokenizer, peoples_daily_texts):
+    """A checkpoint of 1,024 positions, never trained here (no block size on record): scored at 1,024, not at the
+    default 2,048; a longer --max_length is refused in one line that names that flag."""
+    short = tmp_path / "short"
+    config = load_config("tiny")
+    config.max_position_embeddings = 1024
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(short)
+    offline_qwen_tokenizer.save_pretrained(short)
+    heldout = write_jsonl(tmp_path / "val.jsonl", peoples_daily_texts[:2])
+    common = ["--model_path", str(short), "--suite", "local", "--heldout_file", str(heldout),
+              "--token_cache_dir", str(tmp_path / "cache")]
+    code, _, stderr = run_script(monkeypatch, capsys, *common)
+    assert code == 0, stderr[-3000:]
+    assert json.loads((short / "benchmarks" / "benchmarks.json").read_text())["max_length"] == 1024
+
+    code, _, stderr = run_script(monkeypatch, capsys, *common, "--max_length", "2048")
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: --max_length 2048 exceeds the model's max_position_embeddings 1024")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # download_dataset.py --eval, against the local stand-in of the hub
 

@@ -299,3 +299,23 @@ def test_a_given_accumulation_is_never_overridden():
                                          "--gradient_accumulation_steps 4 x 1 rank:"):
         fit_to_device(QWEN, 2048, parse("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
                                         "--global_batch_size", "64"), ModelArguments(), device=H100)
+
+
+def test_out_of_gpu_memory_names_flags_that_keep_the_global_batch(tmp_path, caplog):
+    """A micro-batch given alone would make a global batch of its own (micro x 16 x GPUs): the advice names both."""
+    import torch
+
+    from seqlm.training.run import one_line_on_failure
+    from seqlm.training.settings import requested_global_batch
+
+    args = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                per_device_train_batch_size=8, gradient_accumulation_steps=16, global_batch_size=128)
+    with pytest.raises(SystemExit) as e, one_line_on_failure(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert e.value.code == 2
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "\n" not in record.getMessage()
+    assert "--per_device_train_batch_size 4 --global_batch_size 128" in record.getMessage()
+    advised = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                   per_device_train_batch_size=4, global_batch_size=128)
+    assert requested_global_batch(advised) == 128

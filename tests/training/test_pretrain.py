@@ -16,6 +16,7 @@ from helpers import (
     REPO,
     TINY_RUN,
     free_port,
+    pretrain_command,
     pretrain_sh,
     swanlab_records,
     swanlab_runs,
@@ -217,6 +218,34 @@ def test_block_size_beyond_the_model_is_refused(data, tmp_path):
                              "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "max_position_embeddings 2048" in result.stdout
+
+
+def test_a_yaml_file_of_arguments_through_pretrain_sh_with_a_flag_after_it(data, tmp_path):
+    """`bash pretrain.sh args.yaml --max_steps 2`: the file's values, a flag after it winning over the file, and the
+    environment's (PRESET, TRAIN_FILE, ...) as usual. YAML reads 3e-3 as a string: it arrives as the number."""
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text("block_size: 64\nlearning_rate: 3e-3\nmax_steps: 6\neval_strategy: 'no'\n"
+                         "save_strategy: 'no'\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 1\n"
+                         "disable_tqdm: true\nreport_to: none\nsample_steps: 0\n", encoding="utf-8")
+    out = tmp_path / "out"
+    command, env = pretrain_command(data, out)
+    [bash, script, *cache_flags] = command
+    result = subprocess.run([bash, script, str(args_file), "--max_steps", "2", *cache_flags], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert trainer_state(out)["global_step"] == 2
+    arguments = json.loads((out / "run_info.json").read_text())["arguments"]
+    assert (arguments["block_size"], arguments["learning_rate"], arguments["per_device_train_batch_size"]) == \
+        (64, 0.003, 2)
+    assert arguments["train_files"] == [str(data["train"])]
+
+
+def test_an_unknown_key_in_a_file_of_arguments_is_one_line(tmp_path):
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"learning_rate": 3e-4, "learnig_rate": 1e-3}))
+    result = run_pretrain_py(str(args_file))
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert f"{args_file}: unknown argument learnig_rate" in result.stdout + result.stderr
 
 
 def test_token_cache_is_shared_by_runs(trained, data):

@@ -201,7 +201,8 @@ import logging, os, sys, types
 import torch, torch.distributed as dist
 from seqlm.training.run import one_line_on_failure
 logging.basicConfig(format="%(message)s")
-args = types.SimpleNamespace(output_dir=sys.argv[1], process_index=0, world_size=2)
+args = types.SimpleNamespace(output_dir=sys.argv[1], process_index=0, world_size=2, per_device_train_batch_size=8,
+                             global_batch_size=64)
 with one_line_on_failure(args):
     exec(sys.argv[2])
 """
@@ -223,9 +224,12 @@ def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_d
     assert line.startswith(f"the disk of {out} is full (0.") and "No space left on device" in line, line
     (out / "big").unlink()
     line = failure_line(out, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')")
-    assert line == ("rank 0 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower "
-                    "--per_device_train_batch_size, or set it to auto to fit the card; rerunning the same command "
-                    "resumes from the start (no complete checkpoint yet)")
+    assert line == ("rank 0 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB) with a micro-batch of "
+                    "8 (the log's memory plan line says where it goes): rerun with --per_device_train_batch_size 4 "
+                    "--global_batch_size 64 (the same global batch, more accumulation steps; a micro-batch alone would "
+                    "make it micro-batch x 16 x GPUs), or --activation_checkpointing true, or "
+                    "--per_device_train_batch_size auto; rerunning the same command resumes from the start (no "
+                    "complete checkpoint yet)")
     line = failure_line(out, "raise RuntimeError('Connection closed by peer: the words, not a peer')")
     assert line == "RuntimeError: Connection closed by peer: the words, not a peer"  # neither full disk nor peer
 

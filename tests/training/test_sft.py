@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ENDOFTEXT, IM_END, REPO, TINY_SFT, assert_rate_is_true, finetune_sh, swanlab_runs, trainer_state
+from helpers import (
+    ENDOFTEXT,
+    IM_END,
+    REPO,
+    TINY_SFT,
+    assert_rate_is_true,
+    finetune_command,
+    finetune_sh,
+    swanlab_runs,
+    trainer_state,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqlm.data.conversation import parse_conversation, prepare_chat_tokenizer
@@ -367,6 +377,22 @@ def test_a_bad_input_fails_in_one_line_before_any_work(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
     assert "no corpus file nope.jsonl" in result.stdout and "make_subset.py --schema sft" in result.stdout
+
+
+def test_finetune_sh_without_train_file_asks_for_the_subset_in_one_line(sft_data, tmp_path):
+    """As pretrain.sh with its corpus: the default is the subset make_subset.py cuts of BELLE, not the 3.5M-conversation
+    file; missing, it is named with the command that cuts it and the way to train on the whole file."""
+    if (REPO / "data" / "belle_sft.jsonl").exists():
+        pytest.skip("this checkout has data/belle_sft.jsonl: finetune.sh would train on it")
+    command, env = finetune_command(sft_data, tmp_path / "out")
+    del env["TRAIN_FILE"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "no corpus file" in x]
+    assert line.endswith("no corpus file data/belle_sft.jsonl: cut it once with `python download_dataset.py --sft && "
+                         "python make_subset.py --schema sft` (100,000 conversations of BELLE), or pass TRAIN_FILE= / "
+                         "--train_files (data/BelleGroup/train_3.5M_CN.json trains on all 3.5M)")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [
