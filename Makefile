@@ -1,7 +1,8 @@
 # make demo: set up .venv and run the whole pipeline on the offline sample (CPU ranks; 12–20 minutes on 2 cores)
 # make test: set up .venv and run the test suite, less the tests marked slow (docs/development.md)
-# make test-all: set up .venv and run every test, the slow ones too (what CI runs)
+# make test-all: set up .venv (with make gguf-setup) and run every test, the slow ones too (what CI runs)
 # make setup: only set up .venv (for the real run on a GPU machine: README.md)
+# make gguf-setup: add what export.py needs (builds llama.cpp: minutes; not part of setup)
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_VERSION := 2.13.0
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 PYTHON_FOUND = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 PYTHON_OK = $(shell $(PYTHON) -c 'import sys; print(sys.version_info >= (3, 11))' 2>/dev/null)
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup gguf-setup demo test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,13 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -r requirements.txt -c requirements-lock.txt
+	touch $@
+
+gguf-setup: $(VENV)/.gguf-installed
+
+$(VENV)/.gguf-installed: $(VENV)/.installed requirements-gguf.txt
+	$(BIN)/pip install --quiet -r requirements-gguf.txt -c requirements-lock.txt
+	$(BIN)/python export.py --install_converter
 	touch $@
 
 demo: $(VENV)/.installed
@@ -34,7 +42,7 @@ PYTEST = PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=0 --jun
 test: $(VENV)/.installed
 	$(PYTEST) -m "not slow" tests
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed $(VENV)/.gguf-installed  # the GGUF export's test needs llama.cpp
 	$(PYTEST) tests
 
 clean:
