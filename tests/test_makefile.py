@@ -1,4 +1,5 @@
 """The Makefile, run by the real make."""
+import os
 import subprocess
 import sys
 
@@ -18,8 +19,10 @@ def test_an_old_python_stops_make_in_one_line_before_any_venv(tmp_path):
     fake.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     venv = tmp_path / "venv"
-    result = subprocess.run(["make", f"VENV={venv}", f"PYTHON={fake}", "setup"], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    # As a user types it, not as a sub-make of `make test` (which would add "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    result = subprocess.run(["make", f"VENV={venv}", f"PYTHON={fake}", "setup"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     [line] = (result.stdout + result.stderr).strip().splitlines()
     assert f"{fake} is Python 3.10" in line and "make PYTHON=python3.11" in line
