@@ -14,7 +14,9 @@ from seqlm.training.checkpoints import checkpoints
 BATCH_KEYS = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
               "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}
 MODEL_BYTES_PER_PARAMETER = 4  # model.safetensors in fp32 at most
-CHECKPOINT_BYTES_PER_PARAMETER = 20  # fp32 weights (4) + ZeRO's fp32 master copy and Adam moments (12) + 16-bit copy
+# At most: fp32 weights (4) + ZeRO's fp32 master copy and Adam moments (12) + DeepSpeed's copy of the module's
+# weights in the training precision (2 in bf16, 4 in fp32)
+CHECKPOINT_BYTES_PER_PARAMETER = 20
 
 
 def check_readable(files: list[str], hint: str) -> None:
