@@ -35,9 +35,14 @@ $(VENV)/.gguf-installed: $(VENV)/.installed requirements-gguf.txt
 demo: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" bash demo.sh
 
-# Every test's duration is printed, and kept in $(TEST_RESULTS) (JUnit XML), to see where the time goes.
+# Every test's duration is printed, and kept in $(TEST_RESULTS) (JUnit XML), to see where the time goes. The suite
+# runs on TEST_WORKERS processes (pytest-xdist; auto: one a core), each module's tests on one of them, so that the
+# runs a module shares are made once. PYTEST_ARGS adds pytest flags: -p randomly (shuffled), --reverse, -k NAME.
 TEST_RESULTS ?= output/test-results.xml
-PYTEST = PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=0 --junitxml=$(TEST_RESULTS)
+TEST_WORKERS ?= auto
+PYTEST_ARGS ?=
+PYTEST = PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=0 --junitxml=$(TEST_RESULTS) \
+	-n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 test: $(VENV)/.installed
 	$(PYTEST) -m "not slow" tests

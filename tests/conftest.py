@@ -21,18 +21,31 @@ ROOT = Path(__file__).resolve().parent.parent
 PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, fast to tokenize
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test), each worker gets its share of the cores. A training run on CPU spends most of
+    its time in one thread (start-up, the launcher, Python between kernels), and OpenMP threads that wait spin: two
+    runs of two threads each on two cores finish no sooner than one after the other, two of one thread each in about
+    60% of that. nproc, which launch.sh divides among a run's ranks, honours OMP_THREAD_LIMIT; torch and every other
+    child, OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_THREAD_LIMIT"] = os.environ["OMP_NUM_THREADS"] = share
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_shared_memory():
     """launch.sh removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
-    theirs, one per fresh port: /dev/shm is RAM, so remove what this session left. Only buffers no live process
-    maps: another test session (a second worker, a second checkout) may be running beside this one."""
-    shm = Path("/dev/shm")
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
-    before = set(shm.glob(pattern))
+    theirs, one per fresh port: /dev/shm is RAM, so remove what this session's runs left. Only buffers of the ports
+    this process handed to its runs (helpers.PORTS: another xdist worker's are its own), and only those no live
+    process maps."""
+    from helpers import PORTS
+
     yield
     in_use = mapped_files()
-    for path in set(shm.glob(pattern)) - before:
-        if str(path) not in in_use:
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        port = path.name.split("_")[-2]  # deepspeed_allreduce_buffer_UID_ADDRESS_PORT_RANK
+        if port in PORTS and str(path) not in in_use:
             path.unlink(missing_ok=True)
 
 

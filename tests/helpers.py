@@ -13,7 +13,8 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from seqlm.data.demo import DEMO_TRAINING, free_port, pretrain_command, write_demo_corpus
+from seqlm.data import demo
+from seqlm.data.demo import DEMO_TRAINING, write_demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
@@ -23,6 +24,22 @@ TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5"]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
             "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true"]
+
+
+PORTS: set[str] = set()  # the ports this process gave its runs: conftest removes their leftover shared memory
+
+
+def free_port() -> int:
+    port = demo.free_port()
+    PORTS.add(str(port))
+    return port
+
+
+def pretrain_command(data, output_dir: Path, *args: str, **kwargs) -> tuple[list[str], dict]:
+    """seqlm.data.demo.pretrain_command, its port noted in PORTS."""
+    command, env = demo.pretrain_command(data, output_dir, *args, **kwargs)
+    PORTS.add(env["MASTER_PORT"])
+    return command, env
 
 
 def assert_rate_is_true(build_output: str) -> None:

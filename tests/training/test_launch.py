@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, trainer_state
-
-from seqlm.data.demo import free_port
+from helpers import REPO, TINY_RUN, free_port, pretrain_command, pretrain_sh, trainer_state
 
 FOUR_GPUS = """#!/bin/sh
 [ "$1" = -L ] || exit 9

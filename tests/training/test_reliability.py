@@ -16,10 +16,9 @@ from typing import Iterator
 import pytest
 import torch
 import xxhash
-from helpers import REPO, TINY_RUN, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
+from helpers import REPO, TINY_RUN, free_port, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
 from safetensors.torch import load_file
 
-from seqlm.data.demo import free_port
 from seqlm.fileio import check_disk_space
 from seqlm.model import load_config
 from seqlm.outputs import COMPLETE_MARKER as MARKER

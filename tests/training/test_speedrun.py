@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, TINY_SFT, trainer_state
-
-from seqlm.data.demo import free_port
+from helpers import REPO, TINY_SFT, free_port, trainer_state
 
 PRETRAIN = ["--block_size", "128", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
             "--learning_rate", "3e-3", "--warmup_steps", "2", "--activation_checkpointing", "false",
