@@ -33,6 +33,21 @@ def pytest_configure(config):
         os.environ["OMP_THREAD_LIMIT"] = os.environ["OMP_NUM_THREADS"] = share
 
 
+# The modules that take minutes (output/test-results.xml, after a run, says how long each took), longest first. xdist
+# hands a worker a module at a time in the order collected: started last, one of them would keep a worker busy alone
+# for minutes after the others have finished.
+LONGEST_FIRST = ["training/test_resume.py", "training/test_reliability.py", "training/test_pretrain.py",
+                 "training/test_sft.py", "evaluation/test_benchmarks.py", "data/test_encoder.py",
+                 "serving/test_serve.py", "evaluation/test_report.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.has_plugin("randomly") or config.getoption("reverse", False):
+        return  # an order asked for: shuffled (-p randomly) or reversed (--reverse)
+    rank = {f"tests/{name}": i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_shared_memory():
     """launch.sh removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
@@ -153,7 +168,7 @@ def module_tmp(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(module_tmp):
-    """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (40)."""
+    """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (12)."""
     from helpers import write_jsonl
 
     from seqlm.data.demo import copy_offline_tokenizer, demo_documents
@@ -164,7 +179,7 @@ def data(module_tmp):
     return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
                 train=write_jsonl(root / "train.jsonl", docs[:300]),
                 val=write_jsonl(root / "val.jsonl", docs[300:330]),
-                small=write_jsonl(root / "small.jsonl", docs[400:440]))
+                small=write_jsonl(root / "small.jsonl", docs[400:412]))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """Helpers shared by tests: running the training scripts through the real DeepSpeed launcher on CPU ranks, and
 variants of the real Qwen tokenizer."""
+import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -81,6 +83,26 @@ def finetune_sh(data: Path, output_dir: Path, *args: str, ranks: int = 1) -> str
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+def pretrain_flags(data, output_dir: Path, *args: str) -> list[str]:
+    """pretrain.py's flags for a run of the tiny preset on `data`: what pretrain_command's pretrain.sh passes it."""
+    return ["--config_name", "tiny", "--tokenizer_name", str(data["tokenizer"]), "--train_files", str(data["train"]),
+            "--validation_files", str(data["val"]), "--output_dir", str(output_dir), "--token_cache_dir",
+            str(data["cache"]), *args]
+
+
+def refusal(monkeypatch, caplog, script: str, *args: str) -> str:
+    """SCRIPT.py's main() run in this process on `args`, to stop on bad input before any work with exit status 2: the
+    one line it says. For the checks themselves, which the launcher does not change (tests that go through it:
+    test_launch, test_reliability, test_pretrain's missing corpus, test_memory's exact stderr)."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return line
 
 
 def run_until(command: list[str], env: dict, appears: Path) -> None:

@@ -226,6 +226,15 @@ def lost_peer(error: BaseException) -> bool:
         type(error) is RuntimeError and _raised_in(error, os.path.dirname(dist.__file__) + os.sep))
 
 
+def evaluation_of_last_step(state: TrainerState) -> dict | None:
+    """The metrics of an evaluation logged at the last step, if there was one: it scored the final weights already
+    (the Trainer evaluates a step before saving it), and on a real held-out set another pass costs minutes."""
+    logged = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    if logged is None or logged["step"] != state.global_step:
+        return None
+    return {k: v for k, v in logged.items() if k != "step"}
+
+
 def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, evaluating: bool,
                        resume_from: str | None, finished: bool) -> None:
     """Train (or, for a finished run, take the final model from its last checkpoint), save, evaluate, report."""
@@ -246,7 +255,8 @@ def train_and_evaluate(trainer: SafeTrainer, training_args: TrainingArguments, e
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     if evaluating:
-        metrics = trainer.evaluate()  # ThroughputCallback adds eval_perplexity
+        # ThroughputCallback adds eval_perplexity
+        metrics = evaluation_of_last_step(trainer.state) or trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.process_index == 0:

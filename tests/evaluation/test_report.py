@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENDOFTEXT, REPO, TINY_RUN, pretrain_sh, write_jsonl
+from helpers import ENDOFTEXT, REPO, TINY_RUN, pretrain_sh, trainer_state, write_jsonl
 from matplotlib.image import imread
 from torch.utils.data import Subset
 from transformers import (
@@ -170,3 +170,11 @@ def test_pretrain_sh_ends_with_a_report(pretrained):
     assert "samples at step 5:" in log and "eval_bits_per_char" in log
     assert [r["step"] for r in read_samples(out)] == [0, 5, 10]
     assert "pretrain.py" in json.loads((out / "run_info.json").read_text())["command"]
+
+
+def test_the_closing_evaluation_is_the_last_steps_when_it_had_one(pretrained):
+    """Step 10, the last, was evaluated during training: eval_results.json holds that pass, and no other is made."""
+    out, log = pretrained
+    [last] = [h for h in trainer_state(out)["log_history"] if "eval_loss" in h and h["step"] == 10]
+    assert json.loads((out / "eval_results.json").read_text()) == {k: v for k, v in last.items() if k != "step"}
+    assert log.count("{'eval_loss': ") == 3  # steps 0, 5 and 10

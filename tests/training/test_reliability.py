@@ -16,7 +16,18 @@ from typing import Iterator
 import pytest
 import torch
 import xxhash
-from helpers import REPO, TINY_RUN, free_port, pretrain_command, pretrain_sh, run_until, swanlab_runs, trainer_state
+from helpers import (
+    REPO,
+    TINY_RUN,
+    free_port,
+    pretrain_command,
+    pretrain_flags,
+    pretrain_sh,
+    refusal,
+    run_until,
+    swanlab_runs,
+    trainer_state,
+)
 from safetensors.torch import load_file
 
 from seqlm.fileio import check_disk_space
@@ -30,7 +41,9 @@ from seqlm.training.universal import convert
 # two moments (12), and DeepSpeed's own copy of the module's weights in the training precision (2 in bf16, 4 in fp32).
 BYTES_PER_PARAMETER = 20
 
-RUN = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "16"]
+# No samples (test_samples): they cost a quarter of a run this size.
+RUN = [*TINY_RUN, "--sample_steps", "0", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4",
+       "--max_steps", "16"]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -330,52 +343,47 @@ def test_secrets_never_reach_logs_or_files(data, tmp_path):
     assert swanlab_runs(out), "the run must have logged to swanlab for this test to mean anything"
 
 
-def pretrain_py(data, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), "--config_name", "tiny", "--tokenizer_name",
-                           str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files",
-                           str(data["val"]), "--report_to", "none", "--use_cpu", "true", *args],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+def pretrain_py(data, tmp_path, monkeypatch, caplog, *args: str) -> str:
+    """pretrain.py's one line refusing `args` on the test data (run in this process: helpers.refusal)."""
+    monkeypatch.chdir(tmp_path)
+    return refusal(monkeypatch, caplog, "pretrain", *pretrain_flags(data, tmp_path / "o", "--report_to", "none",
+                                                                     "--use_cpu", "true", *args))
 
 
-def test_a_damaged_token_cache_stops_the_run_in_one_line(data, tmp_path):
+def test_a_damaged_token_cache_stops_the_run_in_one_line(data, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     subprocess.run([sys.executable, str(REPO / "tokenize_corpus.py"), "--config_name", "tiny", "--tokenizer_name",
                     str(data["tokenizer"]), "--train_files", str(data["train"]), "--validation_files", str(data["val"]),
                     "--token_cache_dir", str(cache)], check=True, capture_output=True, timeout=300)
     [folder] = [p for p in cache.iterdir() if p.name.startswith("train.jsonl-")]
     flip_bytes(folder / "tokens.bin", 100)
-    result = pretrain_py(data, tmp_path, "--output_dir", str(tmp_path / "o"), "--token_cache_dir", str(cache))
-    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
-    assert (f"the cache {folder} is damaged: tokens.bin has changed since it was written. Delete that folder and rerun "
-            "to rebuild it") in result.stdout
+    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--token_cache_dir", str(cache))
+    assert line == (f"the cache {folder} is damaged: tokens.bin has changed since it was written. Delete that folder "
+                    "and rerun to rebuild it")
 
 
-def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path):
+def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path, monkeypatch, caplog):
     config = json.loads((REPO / "ds_config_zero2.json").read_text())
     config["gradient_accumulation_steps"] = 8
     (tmp_path / "ds.json").write_text(json.dumps(config))
-    result = pretrain_py(data, tmp_path, "--deepspeed", str(tmp_path / "ds.json"), "--per_device_train_batch_size",
-                         "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "o"))
-    assert result.returncode == 2
-    assert "gradient_accumulation_steps=8 but --gradient_accumulation_steps is 2" in result.stdout
+    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--deepspeed", str(tmp_path / "ds.json"),
+                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")
+    assert "gradient_accumulation_steps=8 but --gradient_accumulation_steps is 2" in line
 
 
-def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path):
-    result = pretrain_py(data, tmp_path, "--output_dir", str(uninterrupted), "--block_size", "64",
-                         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
-    assert result.returncode == 2
-    assert (f"{uninterrupted / 'checkpoint-16'} was written by a run with other settings (block_size: 128 then, 64 "
-            "now): use another --output_dir, or the same settings to resume") in result.stdout
+def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path, monkeypatch, caplog):
+    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--output_dir", str(uninterrupted), "--block_size", "64",
+                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
+    assert line == (f"{uninterrupted / 'checkpoint-16'} was written by a run with other settings (block_size: 128 "
+                    "then, 64 now): use another --output_dir, or the same settings to resume")
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_refused(data, tmp_path):
+def test_tokenizer_larger_than_the_vocabulary_is_refused(data, tmp_path, monkeypatch, caplog):
     config = json.loads((REPO / "configs" / "tiny.json").read_text())
     config["vocab_size"] = 1000
     (tmp_path / "small_vocab.json").write_text(json.dumps(config))
-    result = pretrain_py(data, tmp_path, "--config_name", str(tmp_path / "small_vocab.json"), "--output_dir",
-                         str(tmp_path / "o"))
-    assert result.returncode == 2
-    assert "the tokenizer has 151,669 tokens but the model's vocab_size is 1,000" in result.stdout
+    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--config_name", str(tmp_path / "small_vocab.json"))
+    assert "the tokenizer has 151,669 tokens but the model's vocab_size is 1,000" in line
 
 
 def test_too_little_disk_is_refused_before_work(tmp_path):
