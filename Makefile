@@ -42,7 +42,7 @@ TEST_RESULTS ?= output/test-results.xml
 TEST_WORKERS ?= auto
 PYTEST_ARGS ?=
 PYTEST = PATH="$(abspath $(BIN)):$$PATH" python -m pytest -q --durations=0 --junitxml=$(TEST_RESULTS) \
-	-n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test: $(VENV)/.installed
 	$(PYTEST) -m "not slow" tests

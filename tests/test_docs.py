@@ -41,7 +41,8 @@ PENDING_FLAGS = {}
 EXTERNAL_COMMANDS = {"ssh", "ollama", "llama-cli", "vllm", "cp", "apt-get", "pip", "swanlab", "hf", "deepspeed",
                      "source", "head", "nvidia-smi", "git"}
 EXTERNAL_MODULES = {"deepspeed.checkpoint.ds_to_universal", "sglang.launch_server"}
-EXTERNAL_FLAGS = {"--safe_serialization"}  # DeepSpeed's zero_to_fp32.py, which each checkpoint carries
+EXTERNAL_FLAGS = {"--safe_serialization",  # DeepSpeed's zero_to_fp32.py, which each checkpoint carries
+                  "--reverse", "--randomly-seed"}  # pytest-reverse's and pytest-randomly's (make test PYTEST_ARGS=...)
 EXTERNAL_FILES = {"zero_to_fp32.py",  # inside every checkpoint folder, written by DeepSpeed
                   "convert_hf_to_gguf.py"}  # llama.cpp's converter, which make gguf-setup unpacks
 ARGPARSE_SCRIPTS = ["serve.py", "chat.py", "evaluate.py", "benchmark.py", "report.py", "download_dataset.py", "export.py",

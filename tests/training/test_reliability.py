@@ -42,8 +42,8 @@ from seqlm.training.universal import convert
 BYTES_PER_PARAMETER = 20
 
 # No samples (test_samples): they cost a quarter of a run this size.
-RUN = [*TINY_RUN, "--sample_steps", "0", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4",
-       "--max_steps", "16"]
+RUN = [*TINY_RUN, "--sample_steps", "0", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2",
+       "--max_steps", "8"]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -59,11 +59,11 @@ def uninterrupted(data, module_tmp):
 
 def test_kill_9_twice_then_rerun_gives_the_uninterrupted_result(data, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-8")  # most likely while writing checkpoint-8
-    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-12" / MARKER)  # just after a complete save
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-4")  # most likely while writing checkpoint-4
+    run_until(*pretrain_command(data, out, *RUN), out / "checkpoint-6" / MARKER)  # just after a complete save
     log = pretrain_sh(data, out, *RUN)
-    assert "resuming from" in log and "checkpoint-12" in log
-    assert losses(out) == losses(uninterrupted) and len(losses(out)) == 16
+    assert "resuming from" in log and "checkpoint-6" in log
+    assert losses(out) == losses(uninterrupted) and len(losses(out)) == 8
     ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "final weights differ from the uninterrupted run"
@@ -80,9 +80,9 @@ def test_a_truncated_checkpoint_is_skipped_and_kept(data, uninterrupted, tmp_pat
         f.truncate(weights.stat().st_size // 2)
     resumed = latest_complete_checkpoint(out)
     assert resumed is not None and resumed != newest
-    log = pretrain_sh(data, out, *RUN[:-1], "20")
+    log = pretrain_sh(data, out, *RUN[:-1], "10")
     assert f"skipping {newest}" in log and f"resuming from {resumed}" in log
-    assert trainer_state(out)["global_step"] == 20
+    assert trainer_state(out)["global_step"] == 10
 
 
 def flip_bytes(path: Path, at: int, count: int = 8) -> None:
@@ -98,17 +98,17 @@ def flip_bytes(path: Path, at: int, count: int = 8) -> None:
 def test_a_checkpoint_with_changed_bytes_is_skipped_naming_the_file(uninterrupted, tmp_path, shard, caplog):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    newest = out / "checkpoint-16"
-    target = next((newest / "global_step16").glob(shard.replace("bf16_", "*")))
+    newest = out / "checkpoint-8"
+    target = next((newest / "global_step8").glob(shard.replace("bf16_", "*")))
     flip_bytes(target, target.stat().st_size // 2)
-    assert latest_complete_checkpoint(out) == out / "checkpoint-12"
-    assert (f"skipping {newest}: global_step16/{target.name} has changed since it was saved (its digest differs): it "
+    assert latest_complete_checkpoint(out) == out / "checkpoint-6"
+    assert (f"skipping {newest}: global_step8/{target.name} has changed since it was saved (its digest differs): it "
             "is damaged; it is left on disk for you to inspect or delete") in caplog.text
 
 
 def test_a_checkpoint_is_marked_with_the_size_and_digest_of_every_file(uninterrupted):
-    listed = json.loads((uninterrupted / "checkpoint-16" / MARKER).read_text())["files"]
-    on_disk = {str(p.relative_to(uninterrupted / "checkpoint-16")): p for p in (uninterrupted / "checkpoint-16").rglob("*")
+    listed = json.loads((uninterrupted / "checkpoint-8" / MARKER).read_text())["files"]
+    on_disk = {str(p.relative_to(uninterrupted / "checkpoint-8")): p for p in (uninterrupted / "checkpoint-8").rglob("*")
                if p.is_file() and p.name != MARKER}
     assert set(listed) == set(on_disk) and "model.safetensors" in listed
     for name, path in on_disk.items():
@@ -123,9 +123,9 @@ def test_rerunning_a_finished_run_trains_no_further(data, uninterrupted, tmp_pat
     for name in ("model.safetensors", "trainer_state.json", "train_results.json", "all_results.json", "report.md"):
         (out / name).unlink()
     log = pretrain_sh(data, out, *RUN)
-    assert f"training finished at step 16 ({out / 'checkpoint-16'}): nothing is trained again" in log
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16", "checkpoint-8"]
-    assert trainer_state(out)["global_step"] == 16 and losses(out) == losses(uninterrupted)
+    assert f"training finished at step 8 ({out / 'checkpoint-8'}): nothing is trained again" in log
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert trainer_state(out)["global_step"] == 8 and losses(out) == losses(uninterrupted)
     ours, theirs = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (out / "report.md").is_file()
@@ -133,16 +133,16 @@ def test_rerunning_a_finished_run_trains_no_further(data, uninterrupted, tmp_pat
     before = (out / "model.safetensors").read_bytes()
     log = pretrain_sh(data, out, *RUN)
     assert "nothing is trained again" in log and (out / "model.safetensors").read_bytes() == before
-    assert trainer_state(out)["global_step"] == 16
+    assert trainer_state(out)["global_step"] == 8
 
 
 def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tmp_path):
     """A checkpoint saved with a non-finite weight: its digests match, so it is loaded; the stop names it."""
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    checkpoint = out / "checkpoint-16"
+    checkpoint = out / "checkpoint-8"
     # ZeRO-2 resumes the weights from the fp32 master copy in the optimizer shard
-    [states] = (checkpoint / "global_step16").glob("*optim_states.pt")
+    [states] = (checkpoint / "global_step8").glob("*optim_states.pt")
     saved = torch.load(states, weights_only=False)
     with torch.no_grad():
         saved["optimizer_state_dict"]["single_partition_of_fp32_groups"][1][0] = float("nan")  # a norm's weight
@@ -151,7 +151,7 @@ def test_a_nan_right_after_a_resume_names_the_checkpoint(data, uninterrupted, tm
     name = str(states.relative_to(checkpoint))
     marker["files"][name] = {"bytes": states.stat().st_size, "xxh3_128": xxhash.xxh3_128(states.read_bytes()).hexdigest()}
     (checkpoint / MARKER).write_text(json.dumps(marker))
-    log = pretrain_sh(data, out, *RUN[:-1], "20", expect_ok=False)
+    log = pretrain_sh(data, out, *RUN[:-1], "10", expect_ok=False)
     assert f"after resuming from {checkpoint}: stopping. That checkpoint is the suspect" in log
 
 
@@ -294,7 +294,7 @@ def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
 def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
     # The run kept 3 (save_total_limit's default) of its 4 checkpoints, each marked complete.
     kept = sorted(int(p.name.split("-")[1]) for p in uninterrupted.glob("checkpoint-*"))
-    assert kept == [8, 12, 16]
+    assert kept == [4, 6, 8]
     assert all((uninterrupted / f"checkpoint-{n}" / MARKER).is_file() for n in kept)
 
 
@@ -374,7 +374,7 @@ def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path, monkeypat
 def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path, monkeypatch, caplog):
     line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--output_dir", str(uninterrupted), "--block_size", "64",
                        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
-    assert line == (f"{uninterrupted / 'checkpoint-16'} was written by a run with other settings (block_size: 128 "
+    assert line == (f"{uninterrupted / 'checkpoint-8'} was written by a run with other settings (block_size: 128 "
                     "then, 64 now): use another --output_dir, or the same settings to resume")
 
 
