@@ -44,6 +44,23 @@ def pretrain_command(data, output_dir: Path, *args: str, **kwargs) -> tuple[list
     return command, env
 
 
+SECTIONS = ["## Summary", "## Curves", "## Samples", "## Configuration", "## Environment"]  # of a run's report.md
+PLOTS = ["loss.png", "bits_per_char.png", "bits_per_byte.png", "learning_rate.png", "throughput.png"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_pngs(folder: Path, names: list[str]) -> None:
+    """The report's plots in `folder`/plots: PNG files that decode to images that are not blank."""
+    from matplotlib.image import imread
+
+    for name in names:
+        path = folder / "plots" / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        pixels = imread(path)  # decodes the whole image
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100, name
+        assert pixels.std() > 0, f"{name} is blank"
+
+
 def assert_rate_is_true(build_output: str) -> None:
     """A cache build's summary line states its time and a rate that is its tokens over that time (a build of a tiny
     file takes milliseconds: the rate must still be a real one)."""

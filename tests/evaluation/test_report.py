@@ -1,17 +1,14 @@
 """The run report (seqlm.evaluation.report, report.py): for a tiny run of the real Trainer with every callback of the pipeline,
-for an output dir that holds only a checkpoint, and at the end of `bash pretrain.sh` through the DeepSpeed
-launcher."""
+and for an output dir that holds only a checkpoint (the report at the end of `bash pretrain.sh`: test_pretrain.py)."""
 import json
 import re
 import runpy
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENDOFTEXT, REPO, TINY_RUN, pretrain_sh, trainer_state, write_jsonl
-from matplotlib.image import imread
+from helpers import ENDOFTEXT, PLOTS, REPO, SECTIONS, assert_valid_pngs, write_jsonl
 from torch.utils.data import Subset
 from transformers import (
     AutoModelForCausalLM,
@@ -27,19 +24,6 @@ from seqlm.outputs import PRETRAINING, read_samples
 from seqlm.training.arguments import DataTrainingArguments, ModelArguments, SampleArguments
 from seqlm.training.samples import SamplesCallback
 from seqlm.training.trainer import SafeTrainer
-
-SECTIONS = ["## Summary", "## Curves", "## Samples", "## Configuration", "## Environment"]
-PLOTS = ["loss.png", "bits_per_char.png", "bits_per_byte.png", "learning_rate.png", "throughput.png"]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def assert_valid_pngs(folder: Path, names: list[str]) -> None:
-    for name in names:
-        path = folder / "plots" / name
-        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
-        pixels = imread(path)  # decodes the whole image
-        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100, name
-        assert pixels.std() > 0, f"{name} is blank"
 
 
 def test_throughput_is_the_logged_intervals_tokens_over_their_seconds():
@@ -150,31 +134,3 @@ def test_report_py_on_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(REPO / "report.py"), run_name="__main__")
     assert exit.value.code == 1
     assert "no trainer_state.json" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def pretrained(data, module_tmp):
-    """A tiny pretrain.sh run: the real launcher, ZeRO-2, swanlab offline."""
-    out = module_tmp("pretrain") / "out"
-    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "10", "--eval_on_start", "true", "--eval_steps", "5",
-                      "--save_steps", "10", "--max_eval_samples", "8", "--sample_steps", "5",
-                      "--sample_max_new_tokens", "8", train=data["small"])
-    return out, log
-
-
-def test_pretrain_sh_ends_with_a_report(pretrained):
-    out, log = pretrained
-    report = (out / "report.md").read_text(encoding="utf-8")
-    assert [line for line in report.splitlines() if line.startswith("## ")] == SECTIONS
-    assert_valid_pngs(out, PLOTS)
-    assert "samples at step 5:" in log and "eval_bits_per_char" in log
-    assert [r["step"] for r in read_samples(out)] == [0, 5, 10]
-    assert "pretrain.py" in json.loads((out / "run_info.json").read_text())["command"]
-
-
-def test_the_closing_evaluation_is_the_last_steps_when_it_had_one(pretrained):
-    """Step 10, the last, was evaluated during training: eval_results.json holds that pass, and no other is made."""
-    out, log = pretrained
-    [last] = [h for h in trainer_state(out)["log_history"] if "eval_loss" in h and h["step"] == 10]
-    assert json.loads((out / "eval_results.json").read_text()) == {k: v for k, v in last.items() if k != "step"}
-    assert log.count("{'eval_loss': ") == 3  # steps 0, 5 and 10

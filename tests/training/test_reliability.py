@@ -1,6 +1,7 @@
 """Crash safety end to end, through pretrain.sh on CPU: kill -9 and resume to the same result, incomplete checkpoints,
 a non-finite loss, secrets kept out of every file, and the checks that run before any heavy work."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -35,6 +37,7 @@ from seqlm.model import load_config
 from seqlm.outputs import COMPLETE_MARKER as MARKER
 from seqlm.training.checkpoints import incomplete_reason, latest_complete_checkpoint
 from seqlm.training.preflight import check_disk
+from seqlm.training.run import one_line_on_failure
 from seqlm.training.universal import convert
 
 # A ZeRO-2 checkpoint a parameter, at most: fp32 weights in model.safetensors (4), the fp32 master copy and Adam's
@@ -208,42 +211,59 @@ def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
     assert latest_complete_checkpoint(out) == out / "checkpoint-2"
 
 
-FAILURE = """
-import logging, os, sys, types
-import torch, torch.distributed as dist
-from seqlm.training.run import one_line_on_failure
-logging.basicConfig(format="%(message)s")
-args = types.SimpleNamespace(output_dir=sys.argv[1], process_index=0, world_size=2, per_device_train_batch_size=8,
-                             global_batch_size=64)
-with one_line_on_failure(args):
-    exec(sys.argv[2])
-"""
+FAILURE_ARGS = dict(process_index=0, world_size=2, per_device_train_batch_size=8, global_batch_size=64)
 
 
-def failure_line(output_dir: Path, code: str) -> str:
-    """What one_line_on_failure says when `code` fails inside it, on a disk of `output_dir`: its one line, or the
-    last line of the traceback of an error it let through."""
-    result = subprocess.run([sys.executable, "-c", FAILURE, str(output_dir), code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode != 0
-    return result.stderr.strip().splitlines()[-1]
+def failure_line(output_dir: Path, code: str, caplog) -> str:
+    """What one_line_on_failure says when `code` (which sees the output dir as `out`) fails inside it, on a disk of
+    `output_dir`: its one line, or `Type: message` of an error it lets through."""
+    args = SimpleNamespace(output_dir=str(output_dir), **FAILURE_ARGS)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.ERROR), one_line_on_failure(args):
+            exec(code, {"os": os, "torch": torch, "out": str(output_dir)})
+    except SystemExit as stop:
+        assert stop.code == 2
+        [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        return line
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"{code!r} did not fail")
 
 
-def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_disk):
+def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_disk, caplog):
     out = small_disk / "out"
     out.mkdir()  # a 600 MB disk: less than 1 GB free all along
-    line = failure_line(out, "open(os.path.join(sys.argv[1], 'big'), 'wb').write(bytes(700 << 20))")
+    line = failure_line(out, "open(os.path.join(out, 'big'), 'wb').write(bytes(700 << 20))", caplog)
     assert line.startswith(f"the disk of {out} is full (0.") and "No space left on device" in line, line
     (out / "big").unlink()
-    line = failure_line(out, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')")
+    line = failure_line(out, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')", caplog)
     assert line == ("rank 0 ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB) with a micro-batch of "
                     "8 (the log's memory plan line says where it goes): rerun with --per_device_train_batch_size 4 "
                     "--global_batch_size 64 (the same global batch, more accumulation steps; a micro-batch alone would "
                     "make it micro-batch x 16 x GPUs), or --activation_checkpointing true, or "
                     "--per_device_train_batch_size auto; rerunning the same command resumes from the start (no "
                     "complete checkpoint yet)")
-    line = failure_line(out, "raise RuntimeError('Connection closed by peer: the words, not a peer')")
+    line = failure_line(out, "raise RuntimeError('Connection closed by peer: the words, not a peer')", caplog)
     assert line == "RuntimeError: Connection closed by peer: the words, not a peer"  # neither full disk nor peer
+
+
+RANK = """
+import json, logging, sys, types
+import torch, torch.distributed as dist
+from seqlm.training.run import one_line_on_failure
+logging.basicConfig(format="%(message)s")
+with one_line_on_failure(types.SimpleNamespace(output_dir=sys.argv[1], **json.loads(sys.argv[3]))):
+    exec(sys.argv[2])
+"""
+
+
+def rank_failure_line(output_dir: Path, code: str) -> str:
+    """failure_line in a process of its own, for code that joins a process group: the last line it prints."""
+    result = subprocess.run([sys.executable, "-c", RANK, str(output_dir), code, json.dumps(FAILURE_ARGS)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
 
 
 def test_a_peer_lost_in_a_collective_is_told_by_where_it_was_raised(tmp_path):
@@ -253,7 +273,7 @@ def test_a_peer_lost_in_a_collective_is_told_by_where_it_was_raised(tmp_path):
             "dist.all_reduce(torch.ones(4))")
     peer = subprocess.Popen([sys.executable, "-c", f"import torch, torch.distributed as dist, os; RANK = 1; {join}; "
                              "os._exit(0)"], cwd=REPO)
-    line = failure_line(tmp_path, f"RANK = 0; {join}; import time; time.sleep(2); dist.all_reduce(torch.ones(4))")
+    line = rank_failure_line(tmp_path, f"RANK = 0; {join}; import time; time.sleep(2); dist.all_reduce(torch.ones(4))")
     peer.wait(timeout=60)
     assert line == ("rank 0 of 2 lost contact with another rank, which stopped (its own lines above say why): "
                     "rerunning the same command resumes from the start (no complete checkpoint yet)")

@@ -414,6 +414,14 @@ def test_bad_settings_are_refused(sft_data, tmp_path, monkeypatch, caplog, args,
     assert message in caplog.text
 
 
+def test_the_closing_evaluation_is_the_last_steps_when_it_had_one(finetuned):
+    """Step 12, the last, was evaluated during training: eval_results.json holds that pass, and no other is made."""
+    out, log = finetuned
+    [last] = [h for h in trainer_state(out)["log_history"] if "eval_loss" in h and h["step"] == 12]
+    assert json.loads((out / "eval_results.json").read_text()) == {k: v for k, v in last.items() if k != "step"}
+    assert log.count("{'eval_loss': ") == 1  # the rerun, from step 6: step 12 only
+
+
 def test_the_run_ends_with_a_report_and_chat_samples(finetuned):
     out, _ = finetuned
     report = (out / "report.md").read_text(encoding="utf-8")
