@@ -169,7 +169,7 @@ def module_tmp(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(module_tmp):
-    """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (12)."""
+    """A tokenizer folder and People's Daily corpora: train (300 documents), val (30), small (6)."""
     from helpers import write_jsonl
 
     from seqlm.data.demo import copy_offline_tokenizer, demo_documents
@@ -180,7 +180,7 @@ def data(module_tmp):
     return dict(root=root, tokenizer=root / "tokenizer", cache=root / "token_cache",
                 train=write_jsonl(root / "train.jsonl", docs[:300]),
                 val=write_jsonl(root / "val.jsonl", docs[300:330]),
-                small=write_jsonl(root / "small.jsonl", docs[400:412]))
+                small=write_jsonl(root / "small.jsonl", docs[400:406]))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from seqlm.data.demo import DEMO_TRAINING, write_demo_corpus
 REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
 IM_END = 151645  # <|im_end|>: the end of a chat turn
-BLOCK = 128
+BLOCK = 64  # tokens a training sequence: a step's cost is mostly the 151,936-way output layer over its tokens
 TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5"]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",

@@ -53,11 +53,32 @@ def losses(out: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer_state(out)["log_history"] if "loss" in h}
 
 
+SECRETS = {"HF_TOKEN": "hf_envSecret4711", "SWANLAB_API_KEY": "swanSecret0815"}  # as a user's environment has them
+FLAG_SECRET = "hf_flagSecret2342"  # given as --hub_token
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(data, module_tmp):
+def reference(data, module_tmp):
+    """The run the kill, damage and resume tests compare with, given tokens as users give them: (its output dir,
+    its log, the command lines `ps` showed with the flag's token while it trained)."""
     out = module_tmp("straight") / "out"
-    pretrain_sh(data, out, *RUN)
-    return out
+    command, env = pretrain_command(data, out, *RUN, "--hub_token", FLAG_SECRET, **SECRETS)
+    with open(out.parent / "log.txt", "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    shown_while_training = set()
+    while proc.poll() is None:
+        lines = command_lines()
+        if any("--num_gpus" in line and str(out) in line for line in lines):  # our DeepSpeed launcher has started
+            shown_while_training |= {line for line in lines if FLAG_SECRET in line}
+        time.sleep(0.2)
+    log = (out.parent / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    return out, log, shown_while_training
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(reference) -> Path:
+    return reference[0]
 
 
 def test_kill_9_twice_then_rerun_gives_the_uninterrupted_result(data, uninterrupted, tmp_path):
@@ -297,7 +318,7 @@ def test_a_rank_that_dies_is_one_line_on_the_others(data, tmp_path):
     with open(tmp_path / "log.txt", "w") as log_file:
         proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not (out / "checkpoint-4" / MARKER).exists():
+    while not (out / "checkpoint-2" / MARKER).exists():
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
         time.sleep(0.05)
     [rank_1] = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
@@ -339,27 +360,14 @@ def command_lines() -> list[str]:
     return lines
 
 
-def test_secrets_never_reach_logs_or_files(data, tmp_path):
-    secrets = {"HF_TOKEN": "hf_envSecret4711", "SWANLAB_API_KEY": "swanSecret0815"}
-    out, flag_secret = tmp_path / "out", "hf_flagSecret2342"
-    command, env = pretrain_command(data, out, *TINY_RUN, "--max_steps", "2", "--save_steps", "2", "--eval_strategy",
-                                    "no", "--hub_token", flag_secret, **secrets)
-    with open(tmp_path / "log.txt", "w") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    # A token given as a flag must not stay in any command line (`ps`) once the launcher runs.
-    shown_while_training = set()
-    while proc.poll() is None:
-        lines = command_lines()
-        if any("--num_gpus" in line and str(out) in line for line in lines):  # our DeepSpeed launcher has started
-            shown_while_training |= {line for line in lines if flag_secret in line}
-        time.sleep(0.2)
-    log = (tmp_path / "log.txt").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    assert not shown_while_training
-    for secret in [*secrets.values(), flag_secret]:
-        assert secret not in log
-        leaks = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
-        assert not leaks, f"{secret} written to {leaks}"
+def test_secrets_never_reach_logs_or_files(reference):
+    out, log, shown_while_training = reference
+    assert not shown_while_training  # a token given as a flag stays in no command line (`ps`) once the launcher runs
+    secrets = [*SECRETS.values(), FLAG_SECRET]
+    assert not [s for s in secrets if s in log]
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        content = path.read_bytes()
+        assert not [s for s in secrets if s.encode() in content], f"a secret written to {path}"
     assert swanlab_runs(out), "the run must have logged to swanlab for this test to mean anything"
 
 
@@ -392,10 +400,10 @@ def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path, monkeypat
 
 
 def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path, monkeypatch, caplog):
-    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--output_dir", str(uninterrupted), "--block_size", "64",
+    line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--output_dir", str(uninterrupted), "--block_size", "32",
                        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
-    assert line == (f"{uninterrupted / 'checkpoint-8'} was written by a run with other settings (block_size: 128 "
-                    "then, 64 now): use another --output_dir, or the same settings to resume")
+    assert line == (f"{uninterrupted / 'checkpoint-8'} was written by a run with other settings (block_size: 64 "
+                    "then, 32 now): use another --output_dir, or the same settings to resume")
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(data, tmp_path, monkeypatch, caplog):
