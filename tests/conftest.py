@@ -24,9 +24,9 @@ PEOPLES_DAILY_DOCS = 200  # ≈900 characters each: enough for several blocks, f
 def pytest_configure(config):
     """Under pytest-xdist (make test), each worker gets its share of the cores. A training run on CPU spends most of
     its time in one thread (start-up, the launcher, Python between kernels), and OpenMP threads that wait spin: two
-    runs of two threads each on two cores finish no sooner than one after the other, two of one thread each in about
-    60% of that. nproc, which launch.sh divides among a run's ranks, honours OMP_THREAD_LIMIT; torch and every other
-    child, OMP_NUM_THREADS."""
+    runs of two threads each, side by side on two cores, took as long as one after the other (docs/benchmarks.md).
+    nproc, which launch.sh divides among a run's ranks, honours OMP_THREAD_LIMIT; torch and every other child,
+    OMP_NUM_THREADS."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         share = str(max(1, (os.cpu_count() or 1) // workers))
