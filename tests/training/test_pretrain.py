@@ -159,8 +159,12 @@ def test_zero_optimizer_state_is_what_the_planner_counts(trained):
     assert_optimizer_shards(trained[0], ranks=1)
 
 
-def test_rerun_resumes_from_the_last_checkpoint(trained, data):
-    out, _ = trained
+def test_rerun_resumes_from_the_last_checkpoint(trained, data, tmp_path):
+    # What a preempted run leaves, copied: the module's other tests read the run as it ended, in any order.
+    out = tmp_path / "out"
+    shutil.copytree(trained[0] / "checkpoint-30", out / "checkpoint-30")
+    shutil.copytree(trained[0] / "swanlog", out / "swanlog")
+    shutil.copyfile(trained[0] / "swanlab_run.json", out / "swanlab_run.json")
     log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "40", "--eval_steps", "15", "--save_steps", "15",
                       "--max_eval_samples", "16", "--sample_steps", "0")
     assert f"resuming from {out}/checkpoint-30" in log
