@@ -88,8 +88,10 @@ else
     SHM_BUFFERS="/dev/shm/deepspeed_allreduce_buffer_$(id -u)_*_${MASTER_PORT}_*"
 fi
 
-# The launcher stops every rank as soon as one dies, before the others could say why; its own line names the rank.
-# Repeat it at the end, in one line, with what to do.
+# The launcher stops every rank as soon as one dies, before the others could say why, in a line that ends with the dead
+# rank's exit code (its command is that of the node's last rank, whichever rank died: DeepSpeed 0.19). Ranks that lose
+# a peer wait for it (seqlm.training.run.wait_for_the_launcher), so the code is the dead rank's. Repeat it at the end,
+# in one line, with what to do.
 LAUNCH_LOG=$(mktemp)
 cleanup() {
     { set +x; } 2>/dev/null
@@ -164,10 +166,10 @@ set +e -x
 { code=${PIPESTATUS[0]}; set +x -e; } 2>/dev/null
 died=$(grep -o -m 1 -- "--local_rank=[0-9]*'.* exits with return code = -\?[0-9]*" "$LAUNCH_LOG" || true)
 if (( code != 0 )) && [[ -n $died ]]; then
-    rank=${died#--local_rank=}; rank=${rank%%\'*}; died_code=${died##* = }
+    died_code=${died##* = }
     why=$([[ $died_code == -9 ]] && echo "killed: out of memory, or kill -9" || echo "see its lines above")
     resume=$(python -m seqlm.training.checkpoints "$@" 2>/dev/null) || resume="the newest complete checkpoint"
-    echo "error: rank $rank on $(hostname) died (exit code $died_code, $why) and the launcher stopped the others:" \
+    echo "error: a rank on $(hostname) died (exit code $died_code, $why) and the launcher stopped the others:" \
          "rerunning the same command resumes from $resume" >&2
 fi
 exit "$code"

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn
@@ -36,6 +37,7 @@ from seqlm.training.universal import universal_checkpoint
 
 log = logging.getLogger(__name__)
 LOW_DISK = 1e9  # bytes: below this, a failure of torch.save's writer is taken for a full disk
+LAUNCHER_GRACE = 30  # seconds a rank that lost a peer leaves its launcher to stop it (which polls every second)
 SECRETS_FILE = "SEQLM_SECRETS_FILE"  # set by launch.sh on the nodes it starts over ssh
 
 
@@ -184,9 +186,21 @@ def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
             fail(f"the disk of {training_args.output_dir} is full ({free / 1e9:.2f} GB free; the error: {error}): "
                  f"free some space or point --output_dir elsewhere; {resume_hint(training_args)}")
         if lost_peer(e):
-            fail(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another rank, "
-                 f"which stopped (its own lines above say why): {resume_hint(training_args)}")
+            log.error(f"rank {training_args.process_index} of {training_args.world_size} lost contact with another "
+                      f"rank, which stopped (its own lines above say why): {resume_hint(training_args)}")
+            wait_for_the_launcher()
+            sys.exit(2)
         raise
+
+
+def wait_for_the_launcher() -> None:
+    """The launcher stops every rank of its node once one has ended with an error, and names the exit code of the
+    first it finds ended (launch.sh repeats it): a rank that only lost a dead peer, exiting on its own, could be found
+    first, and its code (2) would hide the dead rank's (-9: out of memory). So it waits to be stopped; a peer that died
+    on another node is not its own launcher's to see, so after LAUNCHER_GRACE it goes anyway. A rank started
+    without a launcher (no LOCAL_RANK) exits at once."""
+    if "LOCAL_RANK" in os.environ:
+        time.sleep(LAUNCHER_GRACE)
 
 
 def resume_hint(training_args: TrainingArguments) -> str:
