@@ -22,10 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
 IM_END = 151645  # <|im_end|>: the end of a chat turn
 BLOCK = 64  # tokens a training sequence: a step's cost is mostly the 151,936-way output layer over its tokens
-TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5"]
+SAMPLE_TOKENS = 8  # a round of samples is 2 x this many forward passes of the output layer: 4 s at the default 32
+TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5", "--sample_max_new_tokens",
+            str(SAMPLE_TOKENS)]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
-            "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true"]
+            "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true",
+            "--sample_max_new_tokens", str(SAMPLE_TOKENS)]
 
 
 PORTS: set[str] = set()  # the ports this process gave its runs: conftest removes their leftover shared memory

@@ -17,7 +17,6 @@ from helpers import (
     SECTIONS,
     TINY_RUN,
     assert_valid_pngs,
-    free_port,
     pretrain_command,
     pretrain_sh,
     refusal,
@@ -174,11 +173,27 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, data, tmp_path):
     assert trainer_state(out)["global_step"] == 40
 
 
-def test_two_ranks_see_each_block_once_per_epoch(data, tmp_path):
-    out = tmp_path / "out"
-    port = free_port()
-    pretrain_sh(data, out, *TINY_RUN, "--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy",
-                "epoch", "--sample_steps", "0", train=data["small"], ranks=2, MASTER_PORT=str(port))
+@pytest.fixture(scope="module")
+def epoch(data, module_tmp):
+    """One epoch of the small corpus on two ranks, as `bash pretrain.sh args.yaml --save_strategy epoch`: the file's
+    values, a flag after it winning over the file's (no saves), and the environment's (PRESET, TRAIN_FILE, ...) as
+    usual. (output dir, the run's MASTER_PORT)."""
+    root = module_tmp("epoch")
+    args_file = root / "args.yaml"
+    args_file.write_text(f"block_size: {BLOCK}\nlearning_rate: 3e-3\nwarmup_steps: 5\nper_device_train_batch_size: 4\n"
+                         "gradient_accumulation_steps: 1\nactivation_checkpointing: false\nnum_train_epochs: 1\n"
+                         "eval_strategy: 'no'\nsave_strategy: 'no'\nsample_steps: 0\ndisable_tqdm: true\n",
+                         encoding="utf-8")
+    command, env = pretrain_command(data, root / "out", train=data["small"], ranks=2)
+    [bash, script, *cache_flags] = command
+    result = subprocess.run([bash, script, str(args_file), "--save_strategy", "epoch", *cache_flags], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "out", env["MASTER_PORT"]
+
+
+def test_two_ranks_see_each_block_once_per_epoch(data, epoch):
+    out, port = epoch
     cache = next(p for p in data["cache"].iterdir() if p.name.startswith("small.jsonl-"))
     blocks = len(BlockDataset(cache, BLOCK))
     per_step = 2 * 4
@@ -232,24 +247,14 @@ def test_block_size_beyond_the_model_is_refused(data, tmp_path, monkeypatch, cap
     assert "max_position_embeddings 2048" in line
 
 
-def test_a_yaml_file_of_arguments_through_pretrain_sh_with_a_flag_after_it(data, tmp_path):
-    """`bash pretrain.sh args.yaml --max_steps 2`: the file's values, a flag after it winning over the file, and the
-    environment's (PRESET, TRAIN_FILE, ...) as usual. YAML reads 3e-3 as a string: it arrives as the number."""
-    args_file = tmp_path / "args.yaml"
-    args_file.write_text("block_size: 64\nlearning_rate: 3e-3\nmax_steps: 6\neval_strategy: 'no'\n"
-                         "save_strategy: 'no'\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 1\n"
-                         "disable_tqdm: true\nreport_to: none\nsample_steps: 0\n", encoding="utf-8")
-    out = tmp_path / "out"
-    command, env = pretrain_command(data, out)
-    [bash, script, *cache_flags] = command
-    result = subprocess.run([bash, script, str(args_file), "--max_steps", "2", *cache_flags], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert trainer_state(out)["global_step"] == 2
+def test_a_yaml_file_of_arguments_through_pretrain_sh_with_a_flag_after_it(data, epoch):
+    """YAML reads 3e-3 as a string: it arrives as the number."""
+    out, _ = epoch
     arguments = json.loads((out / "run_info.json").read_text())["arguments"]
     assert (arguments["block_size"], arguments["learning_rate"], arguments["per_device_train_batch_size"]) == \
-        (64, 0.003, 2)
-    assert arguments["train_files"] == [str(data["train"])]
+        (BLOCK, 0.003, 4)
+    assert arguments["save_strategy"] == "epoch" and list(out.glob("checkpoint-*")), "the flag after the file wins"
+    assert arguments["train_files"] == [str(data["small"])]
 
 
 def test_an_unknown_key_in_a_file_of_arguments_is_one_line(tmp_path, monkeypatch, caplog):
