@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENDOFTEXT = 151643  # <|endoftext|>: the Qwen2.5 base model's eos_token_id, the document separator
 IM_END = 151645  # <|im_end|>: the end of a chat turn
 BLOCK = 64  # tokens a training sequence: a step's cost is mostly the 151,936-way output layer over its tokens
-SAMPLE_TOKENS = 8  # a round of samples is 2 x this many forward passes of the output layer: 4 s at the default 32
+SAMPLE_TOKENS = 8  # a round of samples (greedy and sampled): 0.7 s, against 2.8 s at the default 32 (one thread)
 TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5", "--sample_max_new_tokens",
             str(SAMPLE_TOKENS)]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
