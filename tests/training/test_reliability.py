@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from seqlm.fileio import check_disk_space
 from seqlm.model import load_config
 from seqlm.outputs import COMPLETE_MARKER as MARKER
+from seqlm.training import run
 from seqlm.training.checkpoints import incomplete_reason, latest_complete_checkpoint
 from seqlm.training.preflight import check_disk
 from seqlm.training.run import one_line_on_failure
@@ -272,6 +273,7 @@ def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_d
 RANK = """
 import json, logging, sys, types
 import torch, torch.distributed as dist
+from seqlm.training import run
 from seqlm.training.run import one_line_on_failure
 logging.basicConfig(format="%(message)s")
 with one_line_on_failure(types.SimpleNamespace(output_dir=sys.argv[1], **json.loads(sys.argv[3]))):
@@ -298,6 +300,22 @@ def test_a_peer_lost_in_a_collective_is_told_by_where_it_was_raised(tmp_path):
     peer.wait(timeout=60)
     assert line == ("rank 0 of 2 lost contact with another rank, which stopped (its own lines above say why): "
                     "rerunning the same command resumes from the start (no complete checkpoint yet)")
+
+
+@pytest.mark.parametrize("launched, grace", [(True, 1), (False, 60)])
+def test_a_rank_that_loses_a_peer_leaves_the_stop_to_its_launcher(tmp_path, caplog, monkeypatch, launched, grace):
+    """Under a launcher (LOCAL_RANK set), it says so and waits to be stopped, at most LAUNCHER_GRACE: exiting first, it
+    would be the rank the launcher reports (test_a_rank_that_dies_is_one_line_on_the_others). Alone, it exits."""
+    monkeypatch.setattr(run, "LAUNCHER_GRACE", grace)
+    if launched:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    else:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    start = time.monotonic()
+    line = failure_line(tmp_path, "raise torch.distributed.DistNetworkError('Connection closed by peer')", caplog)
+    waited = time.monotonic() - start
+    assert line.startswith("rank 0 of 2 lost contact with another rank, which stopped")
+    assert waited >= grace if launched else waited < grace
 
 
 def test_a_master_port_in_use_is_one_line_before_anything_starts(data, tmp_path):
