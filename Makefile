@@ -24,8 +24,9 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -r requirements.txt -c requirements-lock.txt
 	# DeepSpeed compiles the all-reduce of CPU ranks at its first use (33 s; runs started meanwhile wait for it): once
-	# here, where launch.sh has it look (TORCH_EXTENSIONS_DIR, the environment's own). GPU ranks never need it.
-	$(BIN)/python -c 'import os, sys; os.environ.setdefault("TORCH_EXTENSIONS_DIR", sys.prefix + "/torch_extensions"); \
+	# here, where launch.sh has it look (TORCH_EXTENSIONS_DIR, the environment's own), with the environment's ninja (a
+	# build by another ninja is redone). GPU ranks never need it.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c 'import os, sys; os.environ.setdefault("TORCH_EXTENSIONS_DIR", sys.prefix + "/torch_extensions"); \
 		os.environ["DS_ACCELERATOR"] = "cpu"; from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; \
 		ShareMemCommBuilder().load()' > /dev/null 2>&1 \
 		|| echo "note: DeepSpeed's CPU all-reduce did not build (a C++ compiler?): CPU ranks build it at their first run"
