@@ -20,10 +20,28 @@ from seqlm.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def load_config(name: str) -> PretrainedConfig:
-    """A preset name (configs/NAME.json), a config.json path, or a model folder / hub id."""
+def load_config(name: str, overrides: str | None = None) -> PretrainedConfig:
+    """A preset name (configs/NAME.json), a config.json path, or a model folder / hub id; `overrides` (run_clm.py's
+    --config_overrides, "hidden_size=512,num_hidden_layers=8") changes some of its numbers. ValueError in one line for
+    overrides it cannot take."""
     preset = paths.CONFIGS_DIR / f"{name}.json"
-    return AutoConfig.from_pretrained(str(preset if preset.is_file() else Path(name)))
+    config = AutoConfig.from_pretrained(str(preset if preset.is_file() else Path(name)))
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--config_overrides {overrides}: {e}: give KEY=VALUE pairs of numbers in {name}'s "
+                             "config, separated by commas") from None
+        if len(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers) != config.num_hidden_layers:
+            values = config.to_dict()
+            del values["layer_types"]  # one a layer, derived from num_hidden_layers when the config is made
+            config = type(config).from_dict(values)
+        if config.hidden_size % config.num_attention_heads or \
+                config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(f"--config_overrides {overrides}: hidden_size ({config.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({config.num_attention_heads}), and that of num_key_value_heads "
+                             f"({config.num_key_value_heads})")
+    return config
 
 
 def parameter_count(config: PretrainedConfig) -> int:
@@ -75,7 +93,10 @@ def check_compatible(config: PretrainedConfig, tokenizer, block_size: int, flag:
 
 def load_config_and_tokenizer(model_args, block_size: int) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, int]:
     """Config, tokenizer and document separator, checked against each other; OSError/ValueError if unusable."""
-    config = load_config(model_args.model_name_or_path or model_args.config_name)
+    if model_args.config_overrides and model_args.model_name_or_path:
+        raise ValueError("--config_overrides changes the architecture, which the weights of --model_name_or_path fix: "
+                         "leave one of them out")
+    config = load_config(model_args.model_name_or_path or model_args.config_name, model_args.config_overrides)
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     check_compatible(config, tokenizer, block_size)
     return config, tokenizer, document_separator(config)

@@ -187,6 +187,19 @@ def data(module_tmp):
 def sft_data(module_tmp):
     """A tiny "pretrained" checkpoint (random weights, saved as pretrain.sh saves one) and demo conversations, for
     finetune.sh (helpers.finetune_sh): train (400) and val (40)."""
+    return sft_folder(module_tmp("sft"))
+
+
+@pytest.fixture(scope="module")
+def narrow_sft_data(module_tmp):
+    """The same with a checkpoint of the narrow model (helpers.NARROW), for runs whose model size no test checks."""
+    from helpers import NARROW
+
+    return sft_folder(module_tmp("sft"), NARROW)
+
+
+def sft_folder(root: Path, overrides: str | None = None) -> Path:
+    """sft_data in `root`, its checkpoint the tiny preset changed by `overrides` (--config_overrides)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,9 +209,8 @@ def sft_data(module_tmp):
     from seqlm.model import load_config
     from seqlm.tokenizer import offline_tokenizer_dir
 
-    root = module_tmp("sft")
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(load_config("tiny")).save_pretrained(root / "pretrained")
+    AutoModelForCausalLM.from_config(load_config("tiny", overrides)).save_pretrained(root / "pretrained")
     tokenizer = AutoTokenizer.from_pretrained(str(offline_tokenizer_dir()))
     tokenizer.eos_token = "<|endoftext|>"  # what pretraining saves: documents end with it
     tokenizer.save_pretrained(root / "pretrained")

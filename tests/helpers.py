@@ -25,6 +25,12 @@ BLOCK = 64  # tokens a training sequence: a step's cost is mostly the 151,936-wa
 SAMPLE_TOKENS = 8  # a round of samples (greedy and sampled): 0.7 s, against 2.8 s at the default 32 (one thread)
 TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5", "--sample_max_new_tokens",
             str(SAMPLE_TOKENS)]
+# The tiny preset at a quarter of its width, for the runs that are compared with each other, killed, resumed or refused
+# (what a model learns is test_pretrain's and test_sft's to check): a step and a checkpoint of the tiny preset are
+# mostly its 151,936 x 128 embedding. At 32 wide a checkpoint is 100 MB instead of 400, and writing files is most of a
+# short run's time on a machine that hands freed memory back to its host (docs/benchmarks.md).
+NARROW = "hidden_size=32,intermediate_size=128"
+NARROW_RUN = [*TINY_RUN, "--config_overrides", NARROW]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
             "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true",

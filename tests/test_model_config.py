@@ -1,4 +1,5 @@
-"""The model presets in configs/: the Qwen2.5-0.5B architecture and the tiny one build, and fit the tokenizer."""
+"""The model presets in configs/: the Qwen2.5-0.5B architecture and the tiny one build, and fit the tokenizer; and
+--config_overrides, which changes a preset's numbers."""
 import json
 import os
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 from helpers import ENDOFTEXT, REPO
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from seqlm.model import load_config, parameter_count
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -49,3 +52,33 @@ def test_preset_files_are_plain_json_with_one_eos(name):
         raw = json.load(f)
     assert raw["eos_token_id"] == ENDOFTEXT  # one integer: the document separator is taken from it
     assert raw["vocab_size"] == 151936
+
+
+def test_config_overrides_change_a_presets_numbers():
+    """--config_overrides (run_clm.py's): the tiny preset, narrower and one layer deeper."""
+    config = load_config("tiny", "hidden_size=32,intermediate_size=128,num_hidden_layers=3")
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (32, 128, 3)
+    assert (config.vocab_size, config.num_attention_heads, config.num_key_value_heads) == (151936, 4, 2)
+    # A layer: q (32 x 32 + bias), k and v (32 x 16 + bias each: 2 key-value heads of 8), o (32 x 32), the MLP's three
+    # 32 x 128 matrices, two norms; then the tied embedding and the last norm.
+    layer = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 128 + 2 * 32
+    assert parameter_count(config) == 151936 * 32 + 3 * layer + 32
+
+
+@pytest.mark.parametrize("overrides, error", [
+    ("hiden_size=32", "key hiden_size isn't in the original config dict"),
+    ("hidden_size=wide", "invalid literal for int() with base 10: 'wide'"),
+    ("sliding_window=8", "You can only update int, float, bool or string values in the config, got 8 for key "
+                         "sliding_window"),
+])
+def test_config_overrides_it_cannot_take_are_one_line(overrides, error):
+    with pytest.raises(ValueError) as refused:
+        load_config("tiny", overrides)
+    assert str(refused.value) == (f"--config_overrides {overrides}: {error}: give KEY=VALUE pairs of numbers in tiny's "
+                                  "config, separated by commas")
+
+
+def test_config_overrides_that_split_heads_unevenly_are_one_line():
+    with pytest.raises(ValueError, match=r"^--config_overrides hidden_size=30: hidden_size \(30\) must be a multiple "
+                                         r"of num_attention_heads \(4\), and that of num_key_value_heads \(2\)$"):
+        load_config("tiny", "hidden_size=30")

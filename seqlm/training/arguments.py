@@ -23,6 +23,10 @@ class ModelArguments(AttentionArguments):
         default="qwen2.5-0.5b",
         metadata={"help": "Model architecture to train from scratch: a preset in configs/ (qwen2.5-0.5b, tiny), a "
                           "config.json, or a model folder / hub id whose config is used with random weights."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Change numbers of --config_name's config, e.g. hidden_size=512,num_hidden_layers=8: a "
+                          "narrower or shallower model of the same architecture (run_clm.py's flag)."})
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Continue pretraining from these weights (an HF checkpoint folder or hub id) instead of "

@@ -243,6 +243,7 @@ def card_table(preset: str = "qwen2.5-0.5b", block_size: int = 2048) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_name", default="qwen2.5-0.5b", help="preset (configs/) or config.json")
+    p.add_argument("--config_overrides", help="as pretrain.py's, e.g. hidden_size=512,num_hidden_layers=8")
     p.add_argument("--block_size", type=int, default=2048)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--global_batch_size", type=int, default=DEFAULT_GLOBAL_BATCH_SIZE)
@@ -257,12 +258,16 @@ def main() -> None:
         print(card_table())
         return
     args = p.parse_args()
-    config = load_config(args.config_name)
+    try:
+        config = load_config(args.config_name, args.config_overrides)
+    except ValueError as e:
+        p.error(str(e))
     parameters = parameter_count(config)
     zero = None if args.zero_stage < 0 else args.zero_stage
     plan = plan_memory(config, parameters, args.per_device_train_batch_size, args.block_size, args.num_gpus, zero,
                        args.activation_checkpointing, args.use_liger_kernel)
-    print(f"{args.config_name}: {parameters:,} parameters; micro-batch {args.per_device_train_batch_size} x "
+    name = args.config_name + (f" ({args.config_overrides})" if args.config_overrides else "")
+    print(f"{name}: {parameters:,} parameters; micro-batch {args.per_device_train_batch_size} x "
           f"{args.block_size} tokens: {plan.summary()}")
     if args.gpu_memory_gb:
         device = Device("a GPU", args.gpu_memory_gb * GB, (9, 0), liger_installed=args.use_liger_kernel)

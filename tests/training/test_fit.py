@@ -17,6 +17,7 @@ from transformers import HfArgumentParser
 
 from seqlm.device import Device
 from seqlm.model import inference_device, load_config, parameter_count
+from seqlm.training import fit
 from seqlm.training.arguments import ModelArguments, PretrainingArguments
 from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, fit_to_device
 from seqlm.training.memory import plan_memory
@@ -317,3 +318,17 @@ def test_out_of_gpu_memory_names_flags_that_keep_the_global_batch(tmp_path, capl
     advised = PretrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                                    per_device_train_batch_size=4, global_batch_size=128)
     assert requested_global_batch(advised) == 128
+
+
+def test_the_planner_takes_config_overrides_as_pretrain_py_does(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fit", "--config_name", "tiny", "--config_overrides",
+                                      "hidden_size=32,intermediate_size=128", "--block_size", "64"])
+    fit.main()
+    layer = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 128 + 2 * 32  # as in test_model_config.py
+    assert capsys.readouterr().out.startswith(
+        f"tiny (hidden_size=32,intermediate_size=128): {151936 * 32 + 2 * layer + 32:,} parameters; micro-batch 4 x 64")
+    monkeypatch.setattr(sys, "argv", ["fit", "--config_name", "tiny", "--config_overrides", "hidden_size=30"])
+    with pytest.raises(SystemExit) as stop:
+        fit.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("fit: error: --config_overrides hidden_size=30: hidden_size")

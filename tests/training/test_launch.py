@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_RUN, free_port, pretrain_command, pretrain_sh, trainer_state
+from helpers import NARROW_RUN, REPO, free_port, pretrain_command, pretrain_sh, trainer_state
 
 FOUR_GPUS = """#!/bin/sh
 [ "$1" = -L ] || exit 9
@@ -143,7 +143,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 @pytest.mark.slow
 def test_two_nodes_over_ssh_train_as_two_ranks_on_one_node_with_the_run_environment(data, tmp_path,
                                                                                      ssh_to_this_machine):
-    run = [*TINY_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "4",
+    run = [*NARROW_RUN, "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "4", "--max_steps", "4",
            "--per_device_train_batch_size", "2"]
     pretrain_sh(data, tmp_path / "two_ranks", *run, ranks=2)
 

@@ -12,12 +12,14 @@ import torch
 from helpers import (
     BLOCK,
     ENDOFTEXT,
+    NARROW,
     PLOTS,
     REPO,
     SECTIONS,
     TINY_RUN,
     assert_valid_pngs,
     pretrain_command,
+    pretrain_flags,
     pretrain_sh,
     refusal,
     swanlab_records,
@@ -27,6 +29,7 @@ from helpers import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     TrainingArguments,
@@ -150,7 +153,7 @@ def assert_optimizer_shards(out, ranks: int) -> None:
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     shards = sorted(last.glob("global_step*/*optim_states.pt"))
     assert len(shards) == ranks
-    expected = MASTER_AND_MOMENTS * parameter_count(load_config("tiny")) / ranks
+    expected = MASTER_AND_MOMENTS * parameter_count(AutoConfig.from_pretrained(out)) / ranks
     assert all(abs(shard.stat().st_size / expected - 1) < 0.01 for shard in shards)
 
 
@@ -182,6 +185,7 @@ def epoch(data, module_tmp):
     args_file = root / "args.yaml"
     args_file.write_text(f"block_size: {BLOCK}\nlearning_rate: 3e-3\nwarmup_steps: 5\nper_device_train_batch_size: 4\n"
                          "gradient_accumulation_steps: 1\nactivation_checkpointing: false\nnum_train_epochs: 1\n"
+                         f"config_overrides: {NARROW}\n"
                          "eval_strategy: 'no'\nsave_strategy: 'no'\nsample_steps: 0\ndisable_tqdm: true\n",
                          encoding="utf-8")
     command, env = pretrain_command(data, root / "out", train=data["small"], ranks=2)
@@ -247,6 +251,14 @@ def test_block_size_beyond_the_model_is_refused(data, tmp_path, monkeypatch, cap
     assert "max_position_embeddings 2048" in line
 
 
+def test_config_overrides_with_weights_to_continue_from_are_refused(data, tmp_path, monkeypatch, caplog):
+    line = refusal(monkeypatch, caplog, "pretrain", *pretrain_flags(data, tmp_path / "o", "--model_name_or_path",
+                                                                    str(tmp_path / "some_checkpoint"),
+                                                                    "--config_overrides", "hidden_size=32"))
+    assert line == ("--config_overrides changes the architecture, which the weights of --model_name_or_path fix: leave "
+                    "one of them out")
+
+
 def test_a_yaml_file_of_arguments_through_pretrain_sh_with_a_flag_after_it(data, epoch):
     """YAML reads 3e-3 as a string: it arrives as the number."""
     out, _ = epoch
@@ -255,6 +267,7 @@ def test_a_yaml_file_of_arguments_through_pretrain_sh_with_a_flag_after_it(data,
         (BLOCK, 0.003, 4)
     assert arguments["save_strategy"] == "epoch" and list(out.glob("checkpoint-*")), "the flag after the file wins"
     assert arguments["train_files"] == [str(data["small"])]
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 32  # the narrow model (helpers.NARROW)
 
 
 def test_an_unknown_key_in_a_file_of_arguments_is_one_line(tmp_path, monkeypatch, caplog):

@@ -19,6 +19,8 @@ import pytest
 import torch
 import xxhash
 from helpers import (
+    NARROW,
+    NARROW_RUN,
     REPO,
     TINY_RUN,
     free_port,
@@ -46,7 +48,7 @@ from seqlm.training.universal import convert
 BYTES_PER_PARAMETER = 20
 
 # No samples (test_samples): they cost a quarter of a run this size.
-RUN = [*TINY_RUN, "--sample_steps", "0", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2",
+RUN = [*NARROW_RUN, "--sample_steps", "0", "--logging_steps", "1", "--eval_strategy", "no", "--save_steps", "2",
        "--max_steps", "8"]
 
 
@@ -195,8 +197,8 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 600 MB file system (tmpfs): room for one checkpoint of the tiny preset (≈ 400 MB), not for two."""
-    with tmpfs(tmp_path / "small", "600m") as mount:
+    """A 150 MB file system (tmpfs): room for one checkpoint of the narrow model (≈ 100 MB), not for two."""
+    with tmpfs(tmp_path / "small", "150m") as mount:
         yield mount
 
 
@@ -223,7 +225,7 @@ def test_a_universal_conversion_needs_room_for_its_peak_and_no_more(data, tmp_pa
 
 def test_a_full_disk_during_a_save_is_one_line(data, small_disk):
     out = small_disk / "out"
-    log = pretrain_sh(data, out, *TINY_RUN, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "0",
+    log = pretrain_sh(data, out, *NARROW_RUN, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "0",
                       "--eval_strategy", "no", "--report_to", "none", expect_ok=False)
     errors = [line for line in log.splitlines() if " ERROR " in line]
     assert errors and all(line == errors[0] for line in errors), log[-3000:]
@@ -255,8 +257,8 @@ def failure_line(output_dir: Path, code: str, caplog) -> str:
 
 def test_failures_on_a_nearly_full_disk_are_told_by_their_type_and_errno(small_disk, caplog):
     out = small_disk / "out"
-    out.mkdir()  # a 600 MB disk: less than 1 GB free all along
-    line = failure_line(out, "open(os.path.join(out, 'big'), 'wb').write(bytes(700 << 20))", caplog)
+    out.mkdir()  # a 150 MB disk: less than 1 GB free all along
+    line = failure_line(out, "open(os.path.join(out, 'big'), 'wb').write(bytes(200 << 20))", caplog)
     assert line.startswith(f"the disk of {out} is full (0.") and "No space left on device" in line, line
     (out / "big").unlink()
     line = failure_line(out, "raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')", caplog)
@@ -361,7 +363,7 @@ def test_save_total_limit_keeps_only_complete_checkpoints(uninterrupted):
 
 def test_non_finite_loss_stops_the_run_and_saves_nothing(data, tmp_path):
     out = tmp_path / "out"
-    log = pretrain_sh(data, out, *TINY_RUN, "--learning_rate", "1e30", "--warmup_steps", "0", "--max_steps", "20",
+    log = pretrain_sh(data, out, *NARROW_RUN, "--learning_rate", "1e30", "--warmup_steps", "0", "--max_steps", "20",
                       "--save_steps", "1", "--eval_strategy", "no", "--report_to", "none", expect_ok=False)
     assert "the loss is" in log and "stopping" in log
     step = int(log.split("the loss is")[1].split("at step ")[1].split(":")[0])
@@ -421,7 +423,8 @@ def test_ds_config_contradicting_the_flags_fails_first(data, tmp_path, monkeypat
 
 def test_resuming_with_other_settings_is_refused(data, uninterrupted, tmp_path, monkeypatch, caplog):
     line = pretrain_py(data, tmp_path, monkeypatch, caplog, "--output_dir", str(uninterrupted), "--block_size", "32",
-                       "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
+                       "--config_overrides", NARROW, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+                       "1")
     assert line == (f"{uninterrupted / 'checkpoint-8'} was written by a run with other settings (block_size: 64 "
                     "then, 32 now): use another --output_dir, or the same settings to resume")
 
