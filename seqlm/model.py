@@ -32,7 +32,8 @@ def load_config(name: str, overrides: str | None = None) -> PretrainedConfig:
         except (ValueError, TypeError) as e:
             raise ValueError(f"--config_overrides {overrides}: {e}: give KEY=VALUE pairs of numbers in {name}'s "
                              "config, separated by commas") from None
-        if len(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers) != config.num_hidden_layers:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and len(layer_types) != config.num_hidden_layers:
             values = config.to_dict()
             del values["layer_types"]  # one a layer, derived from num_hidden_layers when the config is made
             config = type(config).from_dict(values)

@@ -27,8 +27,8 @@ TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5", 
             str(SAMPLE_TOKENS)]
 # The tiny preset at a quarter of its width, for the runs that are compared with each other, killed, resumed or refused
 # (what a model learns is test_pretrain's and test_sft's to check): a step and a checkpoint of the tiny preset are
-# mostly its 151,936 x 128 embedding. At 32 wide a checkpoint is 100 MB instead of 400, and writing files is most of a
-# short run's time on a machine that hands freed memory back to its host (docs/benchmarks.md).
+# mostly its 151,936 x 128 embedding. At 32 wide a checkpoint is 100 MB instead of 400, and writing files was a third of a
+# short run's time on this machine, which hands freed memory back to its host (docs/benchmarks.md).
 NARROW = "hidden_size=32,intermediate_size=128"
 NARROW_RUN = [*TINY_RUN, "--config_overrides", NARROW]
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
