@@ -114,5 +114,12 @@ def check_same_run(checkpoint: Path, settings: dict) -> None:
     if batch_only:
         fix = flags_keeping(settings_global_batch(before), settings["world_size"],
                             settings["per_device_train_batch_size"])
-    differences = "; ".join(f"{k}: {before.get(k)} then, {settings[k]} now" for k in changed)
+    differences = "; ".join(difference(k, before.get(k), settings[k]) for k in changed)
     raise ValueError(f"{checkpoint} was written by a run with other settings ({differences}): {fix}")
+
+
+def difference(key: str, then, now) -> str:
+    """`key: THEN then, NOW now`; of the architecture, only the numbers that changed."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return "; ".join(difference(k, then.get(k), now[k]) for k in now if then.get(k) != now[k])
+    return f"{key}: {then} then, {now} now"
