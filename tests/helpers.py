@@ -31,6 +31,15 @@ TINY_RUN = [*DEMO_TRAINING, "--block_size", str(BLOCK), "--logging_steps", "5", 
 # short run's time on this machine, which hands freed memory back to its host (docs/benchmarks.md).
 NARROW = "hidden_size=32,intermediate_size=128"
 NARROW_RUN = [*TINY_RUN, "--config_overrides", NARROW]
+
+
+def tiny_parameters(hidden: int, intermediate: int, layers: int) -> int:
+    """The tiny preset's parameters at another width and depth, counted by hand (its 4 heads and 2 key-value heads): a
+    layer has q (hidden x hidden + bias), k and v (hidden x kv + bias each, kv = 2 heads of hidden / 4), o (hidden x
+    hidden), the MLP's three hidden x intermediate matrices and two norms; then the tied embedding and the last norm."""
+    kv = hidden // 2
+    layer = (hidden * hidden + hidden) + 2 * (hidden * kv + kv) + hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    return 151936 * hidden + layers * layer + hidden
 TINY_SFT = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_steps", "2", "--activation_checkpointing", "false", "--logging_steps", "3", "--eval_steps", "6",
             "--save_steps", "6", "--max_eval_samples", "16", "--max_length", "96", "--disable_tqdm", "true",

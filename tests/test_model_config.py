@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import ENDOFTEXT, REPO
+from helpers import ENDOFTEXT, REPO, tiny_parameters
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from seqlm.model import load_config, parameter_count
@@ -59,10 +59,7 @@ def test_config_overrides_change_a_presets_numbers():
     config = load_config("tiny", "hidden_size=32,intermediate_size=128,num_hidden_layers=3")
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (32, 128, 3)
     assert (config.vocab_size, config.num_attention_heads, config.num_key_value_heads) == (151936, 4, 2)
-    # A layer: q (32 x 32 + bias), k and v (32 x 16 + bias each: 2 key-value heads of 8), o (32 x 32), the MLP's three
-    # 32 x 128 matrices, two norms; then the tied embedding and the last norm.
-    layer = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 128 + 2 * 32
-    assert parameter_count(config) == 151936 * 32 + 3 * layer + 32
+    assert parameter_count(config) == tiny_parameters(32, 128, 3)
 
 
 @pytest.mark.parametrize("overrides, error", [

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import REPO, refusal
+from helpers import REPO, refusal, tiny_parameters
 from transformers import HfArgumentParser
 
 from seqlm.device import Device
@@ -324,9 +324,8 @@ def test_the_planner_takes_config_overrides_as_pretrain_py_does(monkeypatch, cap
     monkeypatch.setattr(sys, "argv", ["fit", "--config_name", "tiny", "--config_overrides",
                                       "hidden_size=32,intermediate_size=128", "--block_size", "64"])
     fit.main()
-    layer = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 128 + 2 * 32  # as in test_model_config.py
     assert capsys.readouterr().out.startswith(
-        f"tiny (hidden_size=32,intermediate_size=128): {151936 * 32 + 2 * layer + 32:,} parameters; micro-batch 4 x 64")
+        f"tiny (hidden_size=32,intermediate_size=128): {tiny_parameters(32, 128, 2):,} parameters; micro-batch 4 x 64")
     monkeypatch.setattr(sys, "argv", ["fit", "--config_name", "tiny", "--config_overrides", "hidden_size=30"])
     with pytest.raises(SystemExit) as stop:
         fit.main()
