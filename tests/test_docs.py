@@ -271,8 +271,8 @@ def check_command(words: list[str], line: str) -> list[str]:
         return []
     problems = [f"{line!r}: {target} has no flag {f}" for f in args if f.startswith("--") and f.split("=")[0] not in known]
     if target in TRAINING_SCRIPTS and not problems:
-        if len(args) == 1 and args[0].endswith((".yaml", ".yml", ".json")):
-            return []  # one file of arguments: parse_args in seqlm/training/run.py reads it
+        if args[:1] and args[0].endswith((".yaml", ".yml", ".json")):
+            args = args[1:]  # a file of arguments, then flags: parse_args in seqlm/training/run.py reads it
         try:
             training_parser(target).parse_args(args)
         except SystemExit:

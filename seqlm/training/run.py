@@ -81,7 +81,11 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
             raise ValueError(f"{len(files)} files of arguments ({', '.join(files)}): pass one, and flags after it")
         if files:
             names = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype)}
-            parser.set_defaults(**read_args_file(files[0], names))
+            values = read_args_file(files[0], names)
+            # argparse parses a default that is a string as if typed, and a list flag's letter by letter: one file
+            # written as a string (`train_files: a.jsonl`) would become [a, ., j, ...].
+            lists = {a.dest for a in parser._actions if a.nargs in ("+", "*")}
+            parser.set_defaults(**{k: [v] if k in lists and isinstance(v, str) else v for k, v in values.items()})
             argv.remove(files[0])
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except (OSError, ValueError) as e:  # a value the arguments' own checks refuse: one line, not a traceback

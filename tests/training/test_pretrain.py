@@ -277,6 +277,14 @@ def test_an_unknown_key_in_a_file_of_arguments_is_one_line(tmp_path, monkeypatch
     assert line == f"{args_file}: unknown argument learnig_rate (`python pretrain.py --help` lists them)"
 
 
+def test_one_file_written_as_a_string_in_a_yaml_file_is_that_file(tmp_path, monkeypatch, caplog):
+    """`train_files: FILE`, as one writes a single file, is the list of that file, not of its letters."""
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text(f"train_files: {tmp_path / 'nope.jsonl'}\noutput_dir: {tmp_path / 'o'}\n", encoding="utf-8")
+    line = refusal(monkeypatch, caplog, "pretrain", str(args_file))
+    assert line.startswith(f"no corpus file {tmp_path / 'nope.jsonl'}: ")
+
+
 def test_token_cache_is_shared_by_runs(trained, data):
     # The training run built one cache per file; the rerun and the evaluation reused them.
     names = sorted(p.name.split("-")[0] for p in data["cache"].iterdir() if (p / "manifest.json").is_file())
