@@ -67,6 +67,12 @@ class Device:
         return DTYPES[self.precision()[0]]
 
     @property
+    def repeats_kv(self) -> bool:
+        """Whether sdpa gets k/v repeated to every query head (seqlm.model.SDPA_REPEATED_KV): on GPUs before compute
+        capability 8.0, where torch's only fused kernel for grouped heads (flash) does not run."""
+        return self.is_gpu and self.capability < BF16_CAPABILITY
+
+    @property
     def runs_flash_attention(self) -> bool:
         return self.has_bf16 and self.flash_attention_installed
 

@@ -3,21 +3,43 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import (
+    AttentionInterface,
     AutoConfig,
     AutoModelForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seqlm import paths
 from seqlm.device import Device
 from seqlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+# sdpa with every query head given its own copy of k/v. Without a mask, transformers' sdpa passes grouped k/v with
+# enable_gqa=True, which torch 2.13 runs only in its flash kernel (compute capability 8.0 and later) or in its math
+# kernel, which keeps the whole heads x T x T score matrix in fp32: on a T4 or V100 that is the one taken. With
+# repeated k/v the memory-efficient kernel runs there.
+SDPA_REPEATED_KV = "sdpa_repeated_kv"
+
+
+def sdpa_repeated_kv_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    groups = module.num_key_value_groups
+    # To transformers' sdpa, heads with a k/v each are not grouped: it passes no enable_gqa.
+    ungrouped = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
+    return sdpa_attention_forward(ungrouped, query, repeat_kv(key, groups), repeat_kv(value, groups), attention_mask,
+                                  **kwargs)
+
+
+AttentionInterface.register(SDPA_REPEATED_KV, sdpa_repeated_kv_forward)
+AttentionMaskInterface.register(SDPA_REPEATED_KV, sdpa_mask)  # the same masks as sdpa (padding, packed documents)
 
 
 def load_config(name: str, overrides: str | None = None) -> PretrainedConfig:

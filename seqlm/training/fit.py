@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from seqlm.device import Device
-from seqlm.model import load_config, parameter_count
+from seqlm.model import SDPA_REPEATED_KV, load_config, parameter_count
 from seqlm.training.flops import flops_per_token, peak_tflops
 from seqlm.training.memory import GB, MEMORY_MARGIN, MemoryPlan, fits, plan_memory, zero_stage
 from seqlm.training.settings import DEFAULT_GLOBAL_BATCH_SIZE, per_rank_batch, ranks, requested_global_batch
@@ -64,7 +64,10 @@ def choose_attention(device: Device, given: str | None) -> tuple[str, str]:
         return "sdpa", "no GPU"
     if device.runs_flash_attention:
         return "flash_attention_2", "installed, and the GPU runs it"
-    return "sdpa", f"flash-attention 2: {'not installed' if device.has_bf16 else 'it needs compute capability 8.0'}"
+    if device.repeats_kv:
+        return SDPA_REPEATED_KV, "flash-attention 2 and sdpa's flash kernel need compute capability 8.0: k/v " \
+                                 "repeated to every head, so that sdpa's memory-efficient kernel runs"
+    return "sdpa", "flash-attention 2: not installed"
 
 
 
@@ -97,7 +100,8 @@ def choose_batch_shape(config: PretrainedConfig, block_size: int, device: Device
     parameters = parameter_count(config)
 
     def plan(micro: int, saving: tuple[bool, bool]) -> MemoryPlan:
-        return plan_memory(config, parameters, micro, block_size, world_size, zero, *saving)
+        return plan_memory(config, parameters, micro, block_size, world_size, zero, *saving,
+                           repeated_kv=device.repeats_kv)
 
     for saving in savings:
         micro = next((d for d in candidates if fits(plan(d, saving), device.memory_bytes)), None)
@@ -121,7 +125,8 @@ def ways_to_fit(config: PretrainedConfig, block_size: int, device: Device, world
     sharded = zero if zero and zero >= 2 else 2  # more GPUs help only where ZeRO splits the state over them
 
     def one_fits(block: int, ranks: int, fused: bool, stage: int | None = zero) -> bool:
-        return fits(plan_memory(config, parameters, 1, block, ranks, stage, checkpointing, fused), device.memory_bytes)
+        return fits(plan_memory(config, parameters, 1, block, ranks, stage, checkpointing, fused, device.repeats_kv),
+                    device.memory_bytes)
 
     fused_now = bool(fused_loss) or device.runs_liger
     ways = []

@@ -73,18 +73,19 @@ def state_bytes(parameters: int, zero_stage: int | None, world_size: int) -> tup
     return 2 * parameters + gradients, optimizer / (world_size if zero_stage >= 1 else 1)
 
 
-def layer_activation_bytes(config: PretrainedConfig) -> int:
+def layer_activation_bytes(config: PretrainedConfig, repeated_kv: bool = False) -> int:
     """Bytes one decoder layer keeps per token for the backward pass in bf16 or fp16 (measured in bf16, see tests/training/test_memory.py):
     its two RMSNorms (fp32 input and bf16 output each: 6h + 6h) and residual inputs, the MLP's gate, up, activation
     and product (4 x 2 bytes x intermediate), q/k/v and the attention output (2 bytes each), fp32 log-sum-exp per
-    head."""
+    head. `repeated_kv`: k and v as wide as q (seqlm.model.SDPA_REPEATED_KV, GPUs before compute capability 8.0)."""
     h, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
-    q, kv = heads * head_dim, config.num_key_value_heads * head_dim
+    q = heads * head_dim
+    kv = q if repeated_kv else config.num_key_value_heads * head_dim
     return 16 * h + 8 * config.intermediate_size + 4 * q + 4 * kv + 4 * heads + 8
 
 
-def saved_activation_bytes(config: PretrainedConfig, tokens: int, checkpointing: bool) -> int:
+def saved_activation_bytes(config: PretrainedConfig, tokens: int, checkpointing: bool, repeated_kv: bool = False) -> int:
     """What the forward pass of the model body keeps for `tokens` tokens (batch x sequence), the logits excluded:
     every layer's activations, or with checkpointing each layer's input only (2h); plus the final norm (8h) and, without
     checkpointing, the rotary tables."""
@@ -92,13 +93,13 @@ def saved_activation_bytes(config: PretrainedConfig, tokens: int, checkpointing:
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     if checkpointing:
         return tokens * (2 * h * layers + 8 * h + 20)
-    return tokens * (layer_activation_bytes(config) * layers + 8 * h + 2 * head_dim + 20)
+    return tokens * (layer_activation_bytes(config, repeated_kv) * layers + 8 * h + 2 * head_dim + 20)
 
 
-def activation_bytes(config: PretrainedConfig, tokens: int, checkpointing: bool) -> int:
+def activation_bytes(config: PretrainedConfig, tokens: int, checkpointing: bool, repeated_kv: bool = False) -> int:
     """The peak: with checkpointing, the backward pass recomputes one layer at a time in full."""
-    recomputed = tokens * layer_activation_bytes(config) if checkpointing else 0
-    return saved_activation_bytes(config, tokens, checkpointing) + recomputed
+    recomputed = tokens * layer_activation_bytes(config, repeated_kv) if checkpointing else 0
+    return saved_activation_bytes(config, tokens, checkpointing, repeated_kv) + recomputed
 
 
 def logits_bytes(config: PretrainedConfig, tokens: int, fused_cross_entropy: bool) -> float:
@@ -111,10 +112,10 @@ def logits_bytes(config: PretrainedConfig, tokens: int, fused_cross_entropy: boo
 
 def plan_memory(config: PretrainedConfig, parameters: int, micro_batch: int, block_size: int, world_size: int = 1,
                 zero_stage: int | None = 2, checkpointing: bool = True,
-                fused_cross_entropy: bool = False) -> MemoryPlan:
+                fused_cross_entropy: bool = False, repeated_kv: bool = False) -> MemoryPlan:
     tokens = micro_batch * block_size
     weights, optimizer = state_bytes(parameters, zero_stage, world_size)
-    return MemoryPlan(parameters, weights, optimizer, activation_bytes(config, tokens, checkpointing),
+    return MemoryPlan(parameters, weights, optimizer, activation_bytes(config, tokens, checkpointing, repeated_kv),
                       logits_bytes(config, tokens, fused_cross_entropy))
 
 

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import REPO, refusal, tiny_parameters
+from torch.overrides import TorchFunctionMode
 from transformers import HfArgumentParser
 
 from seqlm.device import Device
-from seqlm.model import inference_device, load_config, parameter_count
+from seqlm.model import build_model, inference_device, load_config, parameter_count
 from seqlm.training import fit
 from seqlm.training.arguments import ModelArguments, PretrainingArguments
 from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, fit_to_device
@@ -199,6 +200,37 @@ def test_flash_attention_only_where_it_runs():
     assert choose_attention(installed[T4], None) == ("sdpa", "flash-attention 2: it needs compute capability 8.0")
     assert choose_attention(H100, None)[0] == "sdpa"  # not installed
     assert choose_attention(installed[H100], "eager")[0] == "eager"
+
+
+class SdpaCalls(TorchFunctionMode):
+    """The key heads and enable_gqa of every scaled_dot_product_attention call made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((args[1].shape[1], kwargs.get("enable_gqa", False)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device, key_heads, enable_gqa", [(T4, 4, False), (V100, 4, False), (H100, 2, True)],
+                         ids=lambda v: v.name if isinstance(v, Device) else None)
+def test_grouped_heads_reach_sdpa_only_where_its_flash_kernel_runs(tmp_path, device, key_heads, enable_gqa):
+    """The tiny preset has 4 query heads and 2 k/v heads. Before compute capability 8.0, torch 2.13 runs enable_gqa only
+    in its math kernel (fp32 scores, heads x T x T): there sdpa must get k/v repeated to all 4 heads, and no
+    enable_gqa, so that its memory-efficient kernel takes the call. From 8.0 its flash kernel takes grouped heads."""
+    attention = choose_attention(device, None)[0]
+    ids = torch.randint(0, 1000, (2, 16))
+    model = build_model(load_config("tiny"), None, attention)
+    model.save_pretrained(tmp_path)
+    for model in model, build_model(load_config("tiny"), str(tmp_path), attention):  # trained, and fine-tuned
+        with SdpaCalls() as sdpa:
+            model(input_ids=ids, labels=ids).loss.backward()
+        assert sdpa.calls == [(key_heads, enable_gqa)] * 2  # one a layer
+    assert "attn" not in (tmp_path / "config.json").read_text()  # a saved model loads anywhere
 
 
 def parse(*flags: str) -> PretrainingArguments:

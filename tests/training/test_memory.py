@@ -10,9 +10,9 @@ from helpers import REPO
 from transformers import AutoModelForCausalLM, HfArgumentParser, Qwen2Config
 
 from seqlm.device import Device
-from seqlm.model import load_config, parameter_count
+from seqlm.model import SDPA_REPEATED_KV, load_config, parameter_count
 from seqlm.training.arguments import ModelArguments, PretrainingArguments
-from seqlm.training.fit import fit_to_device
+from seqlm.training.fit import choose_batch_shape, fit_to_device
 from seqlm.training.memory import GB, logged_plan, plan_memory, saved_activation_bytes
 
 BATCH, SEQ = 2, 64
@@ -24,9 +24,9 @@ def shaped(preset: str, **sizes) -> Qwen2Config:
     return Qwen2Config(**{**config, **sizes})
 
 
-def saved_bytes(config: Qwen2Config, checkpointing: bool) -> int:
+def saved_bytes(config: Qwen2Config, checkpointing: bool, attention: str = "sdpa") -> int:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=torch.bfloat16)
     if checkpointing:
         model.activation_checkpointing_enable()
     model.train()
@@ -51,11 +51,24 @@ def saved_bytes(config: Qwen2Config, checkpointing: bool) -> int:
            head_dim=64),
     shaped("qwen2.5-0.5b", num_hidden_layers=2),  # the real widths, two of its 24 layers
 ], ids=["tiny", "gqa-4", "qwen2.5-0.5b-widths"])
-def test_saved_activations_match_the_formula(config, checkpointing):
+@pytest.mark.parametrize("attention", ["sdpa", SDPA_REPEATED_KV])
+def test_saved_activations_match_the_formula(config, checkpointing, attention):
     tokens = BATCH * SEQ
     log_softmax = 4 * config.vocab_size * tokens  # the loss keeps its fp32 log-softmax: counted with the logits
-    measured = saved_bytes(config, checkpointing) - log_softmax
-    assert saved_activation_bytes(config, tokens, checkpointing) == pytest.approx(measured, rel=0.01)
+    measured = saved_bytes(config, checkpointing, attention) - log_softmax
+    repeated = attention == SDPA_REPEATED_KV
+    assert saved_activation_bytes(config, tokens, checkpointing, repeated) == pytest.approx(measured, rel=0.01)
+
+
+def test_repeated_kv_is_counted_for_cards_before_compute_capability_8():
+    """k and v saved as wide as q: 4 bytes a token for each of the 12 heads' 64 values they did not have, 24 layers."""
+    config = load_config("qwen2.5-0.5b")
+    grouped, repeated = (plan_memory(config, parameter_count(config), 2, 2048, checkpointing=False,
+                                     repeated_kv=r).activations for r in (False, True))
+    assert repeated - grouped == 2 * 2048 * 24 * 4 * (14 - 2) * 64
+    shape = choose_batch_shape(config, 2048, Device("Tesla V100-SXM2-32GB", 32768 * 2**20, (7, 0)), 64)
+    assert shape.plan.activations == plan_memory(config, parameter_count(config), shape.micro_batch, 2048,
+                                                 checkpointing=shape.checkpointing, repeated_kv=True).activations
 
 
 def test_plan_grows_with_the_batch_and_shrinks_with_zero():
