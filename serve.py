@@ -12,14 +12,13 @@ import ipaddress
 import os
 import sys
 
-from seqlm.serving.server import API_KEY_ENV, Limits, cannot_listen, default_checkpoint
+from seqlm.serving.server import API_KEY_ENV, DEFAULT_CHECKPOINTS, Limits, cannot_listen, default_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", default=default_checkpoint(),
-                   help="checkpoint folder or hub id (default: %(default)s: the SFT output if there is one, else "
-                        "the pretrained one)")
+    p.add_argument("--model_path", help="checkpoint folder or hub id (default: the first of "
+                                        f"{', '.join(map(str, DEFAULT_CHECKPOINTS))} that is there)")
     p.add_argument("--name", help="the model's name in requests and /v1/models (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 opens it to all)")
@@ -86,6 +85,11 @@ def main() -> int:
         # Measured: a Qwen2.5-0.5B server grew to 12.6 GB on a shared 24 GB machine and was killed for memory.
         print("error: --continuous_batching is for GPUs: on the CPU transformers sizes its cache to 60% of all RAM, "
               "whatever else runs", file=sys.stderr)
+        return 2
+    args.model_path = args.model_path or default_checkpoint()
+    if args.model_path is None:
+        print(f"error: no model folder {' nor '.join(map(str, DEFAULT_CHECKPOINTS))} (the defaults, in that order): "
+              "train one (bash finetune.sh, bash pretrain.sh), or pass --model_path", file=sys.stderr)
         return 2
     try:
         check_model_folder(args.model_path)

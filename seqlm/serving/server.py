@@ -14,6 +14,7 @@ generation when its client disconnects. What this module adds, because `transfor
 - limits for a server others reach (`Limits`): an API key; a cap on a prompt's characters, checked before it is
   tokenized, and the token count off the event loop; a bounded queue of generations (429 past it); a body size limit;
 - sampling: requests sample (temperature 1 unless they say otherwise), as the OpenAI API does;
+- streams end with `data: [DONE]`, as OpenAI's do;
 - a name for the model (the folder's name, not the path on this disk) in requests and `/v1/models`;
 - the chat page (`seqlm/serving/web/chat.html`) at `/`, on the same app and port, so it needs no CORS and no second server.
 
@@ -56,9 +57,12 @@ class Limits:
     max_request_bytes: int = 1_000_000  # max_prompt_chars of Chinese: 300 kB in UTF-8, 600 kB as \uXXXX escapes
 
 
-def default_checkpoint() -> str:
-    """The fine-tuned model if finetune.sh has written one, else the pretrained one."""
-    return str(paths.SFT_OUTPUT if paths.SFT_OUTPUT.is_dir() else paths.PRETRAIN_OUTPUT)
+DEFAULT_CHECKPOINTS = (paths.SFT_OUTPUT, paths.PRETRAIN_OUTPUT)  # what finetune.sh writes, else what pretrain.sh does
+
+
+def default_checkpoint() -> str | None:
+    """The first of DEFAULT_CHECKPOINTS that is there, or None."""
+    return next((str(p) for p in DEFAULT_CHECKPOINTS if p.is_dir()), None)
 
 
 def cannot_listen(host: str, port: int) -> str | None:
@@ -215,7 +219,23 @@ class RequestCheck:
         return None
 
     async def handle_request(self, body: dict, request_id: str):
-        return await self.check(body) or await super().handle_request(body, request_id)
+        from fastapi.responses import StreamingResponse
+
+        response = await self.check(body) or await super().handle_request(body, request_id)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = ended_with_done(response.body_iterator)
+        return response
+
+
+async def ended_with_done(events):
+    """A stream's events, then `data: [DONE]`: OpenAI's API ends every stream so, and clients that read the events
+    themselves wait for it (transformers serve 5.24 ends with the last chunk)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()  # a client that left: transformers' stream cancels its generation when it is closed
+    yield "data: [DONE]\n\n"
 
 
 class NotServed:

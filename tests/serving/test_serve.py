@@ -4,6 +4,7 @@ the way finetune.sh and pretrain.sh save theirs: what is tested is the serving, 
 chat.py's, whatever it says. Both servers need an API key (the fine-tuned one's from SEQLM_API_KEY, the other's from
 --api_key); the pretrained one has small limits, so that a test reaches them."""
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from helpers import REPO, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chat
+import serve
 from seqlm.data.conversation import prepare_chat_tokenizer, set_chat_eos
 from seqlm.model import load_config
 from seqlm.tokenizer import offline_tokenizer_dir
@@ -127,6 +129,15 @@ def test_unusable_checkpoints_busy_ports_and_cpu_batching_are_one_line_errors(tm
             assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
 
 
+def test_no_checkpoint_at_either_default_names_both(tmp_path, monkeypatch, capsys):
+    """Without --model_path the server takes output/sft, else output/pretrain: where neither is, the line names both."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["serve.py"])
+    assert serve.main() == 2
+    assert capsys.readouterr().err == ("error: no model folder output/sft nor output/pretrain (the defaults, in that "
+                                       "order): train one (bash finetune.sh, bash pretrain.sh), or pass --model_path\n")
+
+
 def test_chat_streamed_or_not_answers_as_chat_py_greedy(servers, checkpoints, monkeypatch, capsys):
     api = client(servers, "sft")
     assert [m.id for m in api.models.list().data] == ["sft"]  # the folder's name, not its path
@@ -174,6 +185,20 @@ def test_bad_requests_are_clear_errors_and_the_server_keeps_serving(servers):
         api.completions.create(model="sft", prompt="", max_tokens=4)
     assert api.chat.completions.create(model="sft", messages=[{"role": "user", "content": PROMPT}],
                                        max_tokens=4).usage.completion_tokens == 4
+
+
+def test_streams_end_with_done_as_openais_do(servers):
+    """Read as raw server-sent events, as a client without the openai package does: JSON chunks, then `data: [DONE]`."""
+    requests_ = [("sft", "chat/completions", {"messages": [{"role": "user", "content": PROMPT}]}),
+                 ("pretrained", "completions", {"prompt": "中国的首都是"})]
+    for name, route, body in requests_:
+        with requests.post(f"{servers[name]}/v1/{route}", json={"model": name, "max_tokens": 4, "stream": True, **body},
+                           headers=authorized(name), stream=True, timeout=120) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [line.decode() for line in response.iter_lines() if line]
+        assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]", events
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks and chunks[-1]["choices"][0]["finish_reason"] == "length", chunks[-1]
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation(servers):
