@@ -7,8 +7,10 @@ pretrained one. Any Hugging Face causal LM checkpoint works (loaded with stock t
 
 A checkpoint chats when its tokenizer has a chat template that ends turns with its eos token: what finetune.py saves
 (and what chat models such as Qwen2.5-Instruct ship). Otherwise, or with --plain, each input is continued as text.
+Its prompts are in Chinese when the locale is (LC_ALL, LC_MESSAGES or LANG zh_*), as the chat page follows the browser.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -28,6 +30,22 @@ from seqlm.model import inference_device
 from seqlm.model_folder import check_model_folder, check_tokenizer_fits
 
 Message = dict[str, str]
+# What the terminal shows around the conversation, in the user's language (as the chat page speaks the browser's).
+TEXTS = {
+    "en": {"you": "you> ", "model": "model> ", "chat": "chat; /reset starts over, /exit quits",
+           "text": "no chat template, so each input is continued as text; /exit quits",
+           "cleared": "(conversation cleared)", "interrupted": "(interrupted; that message is forgotten)"},
+    "zh": {"you": "你> ", "model": "模型> ", "chat": "对话；/reset 重新开始，/exit 退出",
+           "text": "没有对话模板，输入的每段文字都会被续写；/exit 退出",
+           "cleared": "（对话已清空）", "interrupted": "（已中断；这条消息不计入对话）"},
+}
+
+
+def language() -> str:
+    """"zh" when the user's locale is Chinese (zh, zh_CN.UTF-8, zh_TW, ...), else "en": the first of LC_ALL,
+    LC_MESSAGES and LANG that is set, the order in which gettext reads them."""
+    locale = next((os.environ[k] for k in ("LC_ALL", "LC_MESSAGES", "LANG") if os.environ.get(k)), "")
+    return "zh" if locale.lower().startswith("zh") else "en"
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,12 +127,12 @@ def main() -> int:
                 args, stop_ids)
         return 0
 
-    print(f"{args.model_path}: " + ("chat; /reset starts over, /exit quits" if chat else
-                                    "no chat template, so each input is continued as text; /exit quits"))
+    texts = TEXTS[language()]
+    print(f"{args.model_path}: " + texts["chat" if chat else "text"])
     history: list[Message] = list(system)
     while True:
         try:
-            text = input("\nyou> ").strip()
+            text = input("\n" + texts["you"]).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
@@ -122,11 +140,11 @@ def main() -> int:
             return 0
         if text == "/reset":
             history = list(system)
-            print("(conversation cleared)")
+            print(texts["cleared"])
             continue
         if not text:
             continue
-        print("model> ", end="", flush=True)
+        print(texts["model"], end="", flush=True)
         try:
             if chat:
                 answer = respond(model, tokenizer, history + [{"role": "user", "content": text}], args, stop_ids)
@@ -134,7 +152,7 @@ def main() -> int:
             else:
                 respond(model, tokenizer, text, args, stop_ids)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-            print("\n(interrupted; that message is forgotten)")
+            print("\n" + texts["interrupted"])
 
 
 if __name__ == "__main__":

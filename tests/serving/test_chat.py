@@ -30,7 +30,12 @@ def checkpoints(module_tmp):
     return root
 
 
-def run(monkeypatch, capsys, *args: str, stdin: str = "") -> tuple[int, str, str]:
+def run(monkeypatch, capsys, *args: str, stdin: str = "", locale: dict | None = None) -> tuple[int, str, str]:
+    """chat.main() on `args`, reading `stdin`, in the `locale` given (LC_ALL, LC_MESSAGES, LANG; default: English)."""
+    for key in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (locale or {"LANG": "C.UTF-8"}).items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", ["chat.py", "--max_new_tokens", "4", *args])
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = chat.main()
@@ -87,6 +92,19 @@ def test_interactive_chat_keeps_the_history_until_reset(checkpoints, monkeypatch
         [system["content"], "你好", prompts[1][2]["content"], "再说一次"],  # the first answer is in the history
         [system["content"], "新话题"]]
     assert prompts[1][2]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("locale, chinese", [({"LANG": "zh_CN.UTF-8"}, True), ({"LANG": "zh_TW"}, True),
+                                             ({"LANG": "en_US.UTF-8"}, False), ({"LC_ALL": "zh_CN.UTF-8"}, True),
+                                             ({"LC_MESSAGES": "zh_CN.UTF-8", "LANG": "en_US.UTF-8"}, True),
+                                             ({"LC_ALL": "C", "LANG": "zh_CN.UTF-8"}, False)])
+def test_the_terminal_speaks_the_users_language(checkpoints, monkeypatch, capsys, locale, chinese):
+    """As the chat page speaks the browser's: Chinese for a zh locale (LC_ALL, then LC_MESSAGES, then LANG)."""
+    code, out, _ = run(monkeypatch, capsys, "--model_path", str(checkpoints / "sft"), stdin="你好\n/reset\n/exit\n",
+                       locale=locale)
+    words = ["对话；/reset 重新开始，/exit 退出", "\n你> ", "模型> ", "（对话已清空）"] if chinese else \
+        ["chat; /reset starts over, /exit quits", "\nyou> ", "model> ", "(conversation cleared)"]
+    assert code == 0 and all(w in out for w in words), out
 
 
 def test_end_of_input_ends_the_session(checkpoints, monkeypatch, capsys):
