@@ -140,7 +140,8 @@ def write_task_files(benchmarks: list[Benchmark], task_dir: Path, data_dir: Path
     """lm-eval task YAMLs for these benchmarks in task_dir, each reading local files only."""
     task_dir.mkdir(parents=True, exist_ok=True)
     tasks = lm_eval_tasks_dir()
-    for b in benchmarks:
+    # The held-out file last: offline, the task data download_dataset.py --eval fetches is what a first run lacks.
+    for b in sorted(benchmarks, key=lambda b: b.name == HELDOUT):
         configs: dict[str, dict] = {}
         if b.name == HELDOUT:
             if heldout_file is None or not Path(heldout_file).is_file():

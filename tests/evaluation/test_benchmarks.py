@@ -317,6 +317,15 @@ def test_benchmark_py_says_what_is_missing_in_one_line(checkpoint, tmp_path, mis
     assert stderr.startswith("error: ") and stderr.strip().count("\n") == 0 and "nope" in stderr
 
 
+def test_benchmark_py_names_missing_task_data_before_the_held_out_file(checkpoint, tmp_path, monkeypatch, capsys):
+    """Offline, `--suite cloze` lacks both: the task data are what download_dataset.py --eval fetches."""
+    code, _, stderr = run_script(monkeypatch, capsys, "--model_path", str(checkpoint), "--suite", "cloze",
+                                 "--eval_data_dir", str(tmp_path / "eval"), "--heldout_file", str(tmp_path / "val.jsonl"))
+    assert code == 2
+    assert stderr == (f"error: no data for xstorycloze_zh in {tmp_path / 'eval' / 'juletxara' / 'xstory_cloze'}/: run "
+                      "`python download_dataset.py --eval` (or copy data/eval/ from a machine that did)\n")
+
+
 def test_benchmark_py_scores_a_short_context_model_at_its_own_context(tmp_path, monkeypatch, capsys,
                                                                       offline_qwen_tokenizer, peoples_daily_texts):
     """A checkpoint of 1,024 positions, never trained here (no block size on record): scored at 1,024, not at the
