@@ -256,8 +256,9 @@ def test_bad_batch_flags_are_one_line(flags, error, monkeypatch, caplog):
     assert refusal(monkeypatch, caplog, "pretrain", *flags) == error
 
 
-@pytest.mark.parametrize("device, precision", [(T4, "fp16"), (H100, "bf16")], ids=["T4", "H100"])
-def test_the_trainer_and_deepspeed_see_the_choices(device, precision, caplog):
+@pytest.mark.parametrize("device, precision, attention", [(T4, "fp16", "sdpa_repeated_kv"), (H100, "bf16", "sdpa")],
+                         ids=["T4", "H100"])
+def test_the_trainer_and_deepspeed_see_the_choices(device, precision, attention, caplog):
     """The rebuilt arguments carry them into the Trainer's checks and the "auto" values of the DeepSpeed config."""
     model_args = ModelArguments()
     with caplog.at_level(logging.INFO):
@@ -267,7 +268,7 @@ def test_the_trainer_and_deepspeed_see_the_choices(device, precision, caplog):
     assert args.mixed_precision == precision
     assert ds["train_micro_batch_size_per_gpu"] == args.per_device_train_batch_size
     assert ds["train_batch_size"] == 64 == args.per_device_train_batch_size * args.gradient_accumulation_steps
-    assert args.use_liger_kernel is True and model_args.attn_implementation == "sdpa"
+    assert args.use_liger_kernel is True and model_args.attn_implementation == attention
     assert f"on {device.name} (compute capability" in caplog.text and f": {precision} (" in caplog.text
     assert "global batch 64 sequences of 2048 tokens" in caplog.text
 
@@ -363,3 +364,14 @@ def test_the_planner_takes_config_overrides_as_pretrain_py_does(monkeypatch, cap
         fit.main()
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("fit: error: --config_overrides hidden_size=30: hidden_size")
+
+
+def test_gradients_accumulate_in_fp32_under_the_shipped_ds_config():
+    """Without data_types.grad_accum_dtype DeepSpeed sums micro-batches in the model's dtype, bf16, which drops the
+    small terms (docs/reliability.md). bench.grad_accum runs ZeRO-2 on a CPU rank in bf16 with the shipped config and
+    compares what the optimizer would step from with the fp64 sum of the micro-batches' gradients."""
+    result = subprocess.run([sys.executable, "-m", "bench.grad_accum", "--ranks", "1", "--micro_steps", "4", "--only",
+                             "shipped"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    error = float(re.search(r"shipped relative error (\S+)", result.stdout).group(1))
+    assert error < 1e-6  # fp32 sums of bf16 terms: 1e-9; bf16 sums: 1e-3
