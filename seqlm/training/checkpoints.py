@@ -8,7 +8,8 @@ it short, and rotates old checkpoints away before the new one is known to be who
   its content; it hashes in a thread while training goes on (about 1 s per GB here), so
   the marker comes a few seconds after the save;
 - resuming takes the newest checkpoint whose files still have those sizes and digests; an unfinished or damaged one
-  is reported in one line naming the file, never loaded and never deleted;
+  is reported in one line naming the file, never loaded and never deleted: a damaged one is moved aside
+  (checkpoint-N.damaged), out of the way of the save that replaces it;
 - `save_total_limit` is applied here, after the marker, to complete checkpoints only.
 """
 from __future__ import annotations
@@ -91,16 +92,36 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def latest_complete_checkpoint(output_dir: str | os.PathLike, quiet: bool = False) -> Path | None:
-    """The newest complete checkpoint-N; each newer one that is not is reported (unless quiet) and left alone.
-    Quiet, only the sizes are compared: for a message, not for loading."""
+def latest_complete_checkpoint(output_dir: str | os.PathLike, quiet: bool = False,
+                               set_aside: bool = False) -> Path | None:
+    """The newest complete checkpoint-N; each newer one that is not is reported (unless quiet). Quiet, only the sizes
+    are compared: for a message, not for loading. With set_aside (the run that resumes, which would save over them), a
+    damaged one is renamed to checkpoint-N.damaged, a name no run writes; an unfinished one holds nothing to inspect,
+    and is saved over."""
     for folder in reversed(checkpoints(output_dir)):
         reason = incomplete_reason(folder, check_content=not quiet)
         if reason is None:
             return folder
-        if not quiet:
-            log.warning("skipping %s: %s; it is left on disk for you to inspect or delete", folder, reason)
+        if quiet:
+            continue
+        if not (folder / COMPLETE_MARKER).exists():
+            log.warning("skipping %s: %s; the run saves over it when it reaches that step again", folder, reason)
+        elif set_aside:
+            kept = damaged_name(folder)
+            folder.rename(kept)
+            log.warning("skipping %s: %s; moved to %s for you to inspect or delete", folder, reason, kept)
+        else:
+            log.warning("skipping %s: %s", folder, reason)
     return None
+
+
+def damaged_name(folder: Path) -> Path:
+    """checkpoint-N.damaged, or .damaged-2, ... when the same step was damaged before."""
+    kept, count = folder.with_name(f"{folder.name}.damaged"), 1
+    while kept.exists():
+        count += 1
+        kept = folder.with_name(f"{folder.name}.damaged-{count}")
+    return kept
 
 
 def agreed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -110,7 +131,7 @@ def agreed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     content (GBs read once, not once per rank) and tells the others what to resume from. Resuming different steps
     would hang the ranks at their first collective."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return latest_complete_checkpoint(output_dir)
+        return latest_complete_checkpoint(output_dir, set_aside=True)
     try:
         newest = latest_complete_checkpoint(output_dir, quiet=True)
         seen = newest.name if newest else "none"
@@ -125,7 +146,7 @@ def agreed_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     decision = [None]
     if dist.get_rank() == 0:
         try:
-            decision = [(str(latest_complete_checkpoint(output_dir) or ""), None)]
+            decision = [(str(latest_complete_checkpoint(output_dir, set_aside=True) or ""), None)]
         except OSError as e:
             decision = [(None, f"cannot check the newest checkpoint in {output_dir} on {socket.gethostname()}: {e}")]
     dist.broadcast_object_list(decision, src=0)

@@ -38,7 +38,7 @@ from seqlm.fileio import check_disk_space
 from seqlm.model import load_config
 from seqlm.outputs import COMPLETE_MARKER as MARKER
 from seqlm.training import run
-from seqlm.training.checkpoints import incomplete_reason, latest_complete_checkpoint
+from seqlm.training.checkpoints import agreed_checkpoint, incomplete_reason, latest_complete_checkpoint, mark_complete
 from seqlm.training.preflight import check_disk
 from seqlm.training.run import one_line_on_failure
 from seqlm.training.universal import convert
@@ -103,12 +103,14 @@ def test_a_truncated_checkpoint_is_skipped_and_kept(data, uninterrupted, tmp_pat
     shutil.copytree(uninterrupted, out)
     newest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     weights = newest / "model.safetensors"
+    half = weights.stat().st_size // 2
     with open(weights, "r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
+        f.truncate(half)
     resumed = latest_complete_checkpoint(out)
     assert resumed is not None and resumed != newest
     log = pretrain_sh(data, out, *RUN[:-1], "10")
     assert f"skipping {newest}" in log and f"resuming from {resumed}" in log
+    assert (out / f"{newest.name}.damaged" / "model.safetensors").stat().st_size == half  # out of the run's way
     assert trainer_state(out)["global_step"] == 10
 
 
@@ -130,7 +132,35 @@ def test_a_checkpoint_with_changed_bytes_is_skipped_naming_the_file(uninterrupte
     flip_bytes(target, target.stat().st_size // 2)
     assert latest_complete_checkpoint(out) == out / "checkpoint-6"
     assert (f"skipping {newest}: global_step8/{target.name} has changed since it was saved (its digest differs): it "
-            "is damaged; it is left on disk for you to inspect or delete") in caplog.text
+            "is damaged\n") in caplog.text + "\n"
+
+
+def test_the_run_that_resumes_moves_a_damaged_checkpoint_aside_and_saves_over_an_unfinished_one(tmp_path, caplog):
+    """The save of the same step would write into the damaged folder: it is renamed to a name no run writes, its bytes
+    as they were. An unfinished one (no complete.json) holds nothing to inspect."""
+    out = tmp_path / "out"
+    for step in (2, 4, 6):
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * step)
+        if step < 6:
+            mark_complete(folder)
+    flip_bytes(out / "checkpoint-4" / "model.safetensors", 100)
+    damaged = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    caplog.set_level(logging.WARNING)
+    assert agreed_checkpoint(out) == out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4.damaged", "checkpoint-6"]
+    assert (out / "checkpoint-4.damaged" / "model.safetensors").read_bytes() == damaged
+    assert caplog.messages == [
+        f"skipping {out / 'checkpoint-6'}: it was never finished (no complete.json); the run saves over it when it "
+        "reaches that step again",
+        f"skipping {out / 'checkpoint-4'}: model.safetensors has changed since it was saved (its digest differs): it is "
+        f"damaged; moved to {out / 'checkpoint-4.damaged'} for you to inspect or delete"]
+    # Damaged again at the same step, in a later run: kept beside the first.
+    (out / "checkpoint-4").mkdir()
+    shutil.copyfile(out / "checkpoint-4.damaged" / "model.safetensors", out / "checkpoint-4" / "model.safetensors")
+    shutil.copyfile(out / "checkpoint-2" / MARKER, out / "checkpoint-4" / MARKER)
+    assert agreed_checkpoint(out) == out / "checkpoint-2" and (out / "checkpoint-4.damaged-2").is_dir()
 
 
 def test_a_checkpoint_is_marked_with_the_size_and_digest_of_every_file(uninterrupted):
