@@ -3,13 +3,22 @@ not an hour. seqlm.training.fit chooses the micro-batch, checkpointing and fused
 prints a plan (python -m seqlm.training.fit --help).
 
 Four parts, in bytes:
-- weights, gradients and AdamW state, by ZeRO stage (ZeRO paper, section 5: 16-bit weights and gradients, an fp32
-  master copy and two fp32 moments; stages 1 and 2 split the fp32 parts, and stage 2 the gradients, over the GPUs);
+- weights, gradients and AdamW state, by ZeRO stage (ZeRO paper, section 5: 16-bit weights, an fp32 master copy and
+  two fp32 moments; stages 1 and 2 split the fp32 parts over the GPUs). Gradients, as ds_config_zero2.json has
+  DeepSpeed 0.19.8 keep them (runtime/zero/stage_1_and_2.py): summed over the micro-batches in an fp32 buffer of the
+  rank's partition (`data_types.grad_accum_dtype`), which the optimizer step then takes as its fp32 gradient; during
+  the backward pass, two 16-bit buckets of `reduce_bucket_size` elements (`overlap_comm` reduces one while the other
+  fills);
 - the activations kept for the backward pass, per token, from the tensors transformers' Qwen2 (and Llama-shaped)
   layers save in 16 bits with sdpa or flash attention (tests/training/test_memory.py counts them with saved-tensor hooks);
-- the logits: the loss upcasts them to fp32 and keeps its log-softmax, and the backward adds a gradient of each,
-  10 bytes per token and vocabulary entry (151,936 for Qwen): a Liger fused cross-entropy never materialises them;
+- the logits: at the start of the backward pass the loss holds its fp32 log-softmax, the gradient of it and the
+  gradient of its input, 12 bytes per token and vocabulary entry (151,936 for Qwen; the forward pass peaks at 10:
+  16-bit logits, their fp32 copy, the log-softmax); a Liger fused cross-entropy never materialises them;
 - what the CUDA context and the caching allocator take beyond tensors.
+
+The peak is the start of the backward pass, everything above at once. The optimizer step comes after the
+activations, the logits and the buckets are gone, and its fp32 gradient is the accumulation buffer itself: it adds
+less (torch AdamW's temporaries, a few bytes a parameter of the partition) than the backward pass held.
 """
 from __future__ import annotations
 
@@ -20,18 +29,22 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
+from seqlm.paths import REPO
+
 GB = 1e9
 CUDA_OVERHEAD = 1.5 * GB  # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 1.1  # the caching allocator rounds and fragments
 MASTER_AND_MOMENTS = 12  # bytes per parameter: fp32 master weights and AdamW's two fp32 moments
-FP32_GRADIENTS = 4
+FP32_GRADIENTS = 4  # the accumulation buffer (data_types.grad_accum_dtype fp32), also the optimizer step's gradient
+REDUCE_BUCKET = json.loads((REPO / "ds_config_zero2.json").read_text())["zero_optimization"]["reduce_bucket_size"]
+LOSS_BYTES = 12  # per token and vocabulary entry, at the start of the backward pass: see the module's docstring
 MEMORY_MARGIN = 0.9  # a plan may fill this share of the GPU: the rest absorbs the estimate's error
 
 
 @dataclass
 class MemoryPlan:
     parameters: int
-    weights_and_gradients: float
+    weights_and_gradients: float  # the 16-bit buckets included
     optimizer: float
     activations: float
     logits: float
@@ -62,15 +75,15 @@ def logged_plan(output: str) -> tuple[float, float] | None:
 
 
 def state_bytes(parameters: int, zero_stage: int | None, world_size: int) -> tuple[float, float]:
-    """(16-bit weights + gradients, fp32 optimizer state) per GPU. zero_stage None: no DeepSpeed, torch autocast
-    (fp32 weights and gradients, bf16 copies of the weights while computing)."""
+    """(16-bit weights + fp32 gradients + 16-bit buckets, fp32 optimizer state) per GPU. zero_stage None: no
+    DeepSpeed, torch autocast (fp32 weights and gradients, bf16 copies of the weights while computing)."""
     if zero_stage is None:
         return (4 + 4 + 2) * parameters, 8 * parameters
-    gradients = 2 * parameters / world_size if zero_stage >= 2 else 2 * parameters
-    # DeepSpeed's ZeRO optimizers (bf16 and fp16 alike) also keep fp32 gradients (of their partition) to step from.
-    optimizer = (MASTER_AND_MOMENTS + FP32_GRADIENTS) * parameters
+    gradients = FP32_GRADIENTS * parameters / (world_size if zero_stage >= 2 else 1)
+    buckets = 2 * REDUCE_BUCKET * 2
     # Stage 3 splits the weights too; estimated as stage 2 (an upper bound).
-    return 2 * parameters + gradients, optimizer / (world_size if zero_stage >= 1 else 1)
+    optimizer = MASTER_AND_MOMENTS * parameters / (world_size if zero_stage >= 1 else 1)
+    return 2 * parameters + gradients + buckets, optimizer
 
 
 def layer_activation_bytes(config: PretrainedConfig, repeated_kv: bool = False) -> int:
@@ -107,7 +120,7 @@ def logits_bytes(config: PretrainedConfig, tokens: int, fused_cross_entropy: boo
         # Liger's fused linear cross-entropy: a chunk of logits the size of the hidden states, the input's
         # gradient, and an fp32 gradient of the output matrix.
         return tokens * 4 * config.hidden_size + 4 * config.vocab_size * config.hidden_size
-    return tokens * 10 * config.vocab_size
+    return tokens * LOSS_BYTES * config.vocab_size
 
 
 def plan_memory(config: PretrainedConfig, parameters: int, micro_batch: int, block_size: int, world_size: int = 1,
