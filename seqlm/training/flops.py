@@ -6,10 +6,15 @@ import torch
 # Dense 16-bit tensor peaks per device, TFLOP/s, with fp32 accumulation (vendor datasheets, without sparsity): bf16,
 # or fp16 on cards without bf16 (T4, V100, RTX 20xx; P100 has no tensor cores: its fp16 rate). Longest names first, so
 # "L40S" is matched before "L40" and "H100 PCIe" before "H100".
+# A variant named by a longer name than its family's ("H100 NVL", "RTX 3090 Ti", "GB200") needs its own entry, or it
+# gets the family's figure. The RTX 4090 D has no datasheet figure: the 4090's, times its 14,592 of the 4090's 16,384
+# cores at the same clock.
 PEAK_TFLOPS = {
-    "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "GH200": 989.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.5, "H100": 989.0, "H200 NVL": 835.5, "H200": 989.0, "H800 PCIe": 756.0,
+    "H800": 989.0, "H20": 148.0, "GH200": 989.0,
     "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L20": 119.5, "A10": 125.0,
-    "RTX 5090": 209.5, "RTX 4090": 165.2, "RTX 3090": 71.0, "B200": 2250.0,
+    "RTX 5090": 209.5, "RTX 4090 D": 147.1, "RTX 4090": 165.2, "RTX 3090 Ti": 80.0, "RTX 3090": 71.0,
+    "GB200": 2500.0, "B200": 2250.0,
     "Tesla T4": 65.0, "V100-SXM2": 125.0, "V100-PCIE": 112.0, "V100S": 130.0, "P100-SXM2": 21.2, "P100-PCIE": 18.7,
     "RTX 2080 Ti": 53.8,
 }

@@ -30,6 +30,11 @@ def test_qwen25_05b_flops_per_token_at_2048():
                                         ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
                                         ("NVIDIA A800 80GB PCIe", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
                                         ("NVIDIA GeForce RTX 4090", 165.2), ("NVIDIA GeForce RTX 5090", 209.5),
-                                        ("NVIDIA H800", 989.0), ("Some Future GPU", None)])
+                                        ("NVIDIA H800", 989.0), ("Some Future GPU", None),
+                                        # variants whose family's name is in theirs, as nvidia-smi prints them
+                                        ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200 NVL", 835.5),
+                                        ("NVIDIA H800 PCIe", 756.0), ("NVIDIA GeForce RTX 3090 Ti", 80.0),
+                                        ("NVIDIA GeForce RTX 4090 D", 147.1), ("NVIDIA GB200", 2500.0),
+                                        ("NVIDIA GeForce RTX 3090", 71.0), ("NVIDIA B200", 2250.0)])
 def test_peak_table(name, peak):
     assert peak_tflops(name) == peak
