@@ -19,6 +19,7 @@ from seqlm.data.download import (
     fetch_corpus,
     fetch_model,
     fetch_sft,
+    one_line_per_cause,
     rebase,
 )
 from seqlm.evaluation.benchmarks import BENCHMARKS
@@ -50,14 +51,15 @@ def main() -> int:
         sources += [lambda b=b: fetch_benchmark_data(b.repo, b.data_patterns, b.revision,
                                                         rebase(paths.EVAL_DATA_DIR, args.data_dir))
                     for b in BENCHMARKS.values() if b.repo]
-    failed = False
+    errors = []
     for fetch in sources:  # one failing source should not stop the others (e.g. hub blocked, ModelScope reachable)
         try:
             fetch()
         except DownloadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-    return 1 if failed else 0
+            errors.append(e)
+    for e in one_line_per_cause(errors):
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 set and the benchmarks' task data from the Hugging Face hub, and the seq-monkey pretraining corpus from ModelScope.
 
 Every fetch is idempotent (files already in place are not fetched again) and resumable. A source that fails becomes
-one DownloadError line: which source, why in a few words, and how to place the files by hand.
+one DownloadError line: which source at which address, why in a few words, and how to place the files by hand; the
+hub's repositories that fail for one reason share one line.
 HF_ENDPOINT (mirrors) and HF_TOKEN are read by huggingface_hub itself; nothing here prints them.
 """
 import hashlib
@@ -36,6 +37,36 @@ HUB_ERRORS = (httpx2.HTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError)
 
 class DownloadError(Exception):
     """A fetch failed; the message is the single line shown to the user."""
+
+
+class HubError(DownloadError):
+    """Repositories the hub did not give, for one reason, and where to place their files by hand instead."""
+
+    def __init__(self, repos: list[str], places: list[str], reason: str):
+        self.repos, self.places, self.reason = repos, places, reason
+        # A mirror already set is the one that failed: telling the user to set one would send them in a circle.
+        mirror = os.environ.get("HF_ENDPOINT")
+        where, advice = ((" (HF_ENDPOINT)", "Check that mirror, or set HF_ENDPOINT to another") if mirror else
+                         ("", "Set HF_ENDPOINT to a mirror (e.g. https://hf-mirror.com)"))
+        super().__init__(f"cannot download {', '.join(repos)} from the Hugging Face hub at "
+                         f"{_public(constants.ENDPOINT)}{where} ({reason}). {advice}, or place {'; '.join(places)} by "
+                         "hand.")
+
+
+def one_line_per_cause(errors: list[DownloadError]) -> list[DownloadError]:
+    """The errors to show, in order, the hub's failures for one reason merged into one: an unreachable hub fails every
+    repository alike (`--eval` asks it for six)."""
+    shown: list[DownloadError] = []
+    first: dict[str, int] = {}
+    for e in errors:
+        if isinstance(e, HubError) and e.reason in first:
+            i = first[e.reason]
+            shown[i] = HubError(shown[i].repos + e.repos, shown[i].places + e.places, e.reason)
+            continue
+        if isinstance(e, HubError):
+            first[e.reason] = len(shown)
+        shown.append(e)
+    return shown
 
 
 def rebase(path: Path, data_dir: Path) -> Path:
@@ -74,11 +105,7 @@ def _from_hub(repo_id: str, repo_type: str, local_dir: Path, files: list[str], f
             print(f"{repo_id}: hub unavailable ({_reason(e)}), keeping the files already in {local_dir}")
             return
         branch = f" (branch {revision})" if revision else ""
-        raise DownloadError(
-            f"cannot download {repo_id}{branch} from the Hugging Face hub at {_public(constants.ENDPOINT)} "
-            f"({_reason(e)}). Set HF_ENDPOINT to a mirror (e.g. https://hf-mirror.com), or place {', '.join(files)} "
-            f"in {local_dir}/ by hand."
-        ) from e
+        raise HubError([f"{repo_id}{branch}"], [f"{', '.join(files)} in {local_dir}/"], _reason(e)) from e
     print(f"{repo_id}: {', '.join(files)} in {local_dir}")
 
 

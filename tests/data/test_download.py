@@ -91,6 +91,19 @@ def test_model_unreachable_is_one_line_and_quick(tmp_path, silent_url, offline):
     assert TOKEN not in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_an_unreachable_hub_is_named_and_a_mirror_set_is_not_advised_again(tmp_path, mirror):
+    """With HF_ENDPOINT at a mirror, the mirror is what failed: the line says so instead of advising to set one."""
+    env = {"HF_ENDPOINT": closed_url()} if mirror else {"HF_HUB_OFFLINE": "1"}  # offline: never reaches the real hub
+    out = cli(tmp_path, "--model", **env)
+    [line] = out.stderr.splitlines()
+    hub = f"{env['HF_ENDPOINT']} (HF_ENDPOINT)" if mirror else "https://huggingface.co"
+    advice = "Check that mirror, or set HF_ENDPOINT to another" if mirror else \
+        "Set HF_ENDPOINT to a mirror (e.g. https://hf-mirror.com)"
+    assert line.startswith(f"error: cannot download {download.MODEL_REPO} from the Hugging Face hub at {hub} (")
+    assert f"). {advice}, or place config.json, " in line
+
+
 def test_model_already_there_is_fine_offline(server, tmp_path):
     assert cli(tmp_path, "--model", HF_ENDPOINT=server.url).returncode == 0
     out = cli(tmp_path, "--model", HF_ENDPOINT=closed_url())
