@@ -320,7 +320,8 @@ def test_benchmark_py_says_what_is_missing_in_one_line(checkpoint, tmp_path, mis
 def test_benchmark_py_names_missing_task_data_before_the_held_out_file(checkpoint, tmp_path, monkeypatch, capsys):
     """Offline, `--suite cloze` lacks both: the task data are what download_dataset.py --eval fetches."""
     code, _, stderr = run_script(monkeypatch, capsys, "--model_path", str(checkpoint), "--suite", "cloze",
-                                 "--eval_data_dir", str(tmp_path / "eval"), "--heldout_file", str(tmp_path / "val.jsonl"))
+                                 "--eval_data_dir", str(tmp_path / "eval"),
+                                 "--heldout_file", str(tmp_path / "val.jsonl"))
     assert code == 2
     assert stderr == (f"error: no data for xstorycloze_zh in {tmp_path / 'eval' / 'juletxara' / 'xstory_cloze'}/: run "
                       "`python download_dataset.py --eval` (or copy data/eval/ from a machine that did)\n")
