@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -r requirements.txt -c requirements-lock.txt
 	# DeepSpeed compiles the all-reduce of CPU ranks at its first use (33 s; runs started meanwhile wait for it): once
-	# here, where launch.sh has it look (TORCH_EXTENSIONS_DIR, the environment's own), with the environment's ninja (a
+	# here, where the launcher has it look (TORCH_EXTENSIONS_DIR, the environment's own), with the environment's ninja (a
 	# build by another ninja is redone). GPU ranks never need it.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c 'import os, sys; os.environ.setdefault("TORCH_EXTENSIONS_DIR", sys.prefix + "/torch_extensions"); \
 		os.environ["DS_ACCELERATOR"] = "cpu"; from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; \

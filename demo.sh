@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DEMO=${DEMO_DATA:-data/demo}
 OUT=${DEMO_OUTPUT:-output/demo}
-export DEVICE=cpu  # launch.sh: the demo's tiny model and batches are sized for CPU ranks
+export DEVICE=cpu  # the launcher (seqlm/training/launch.py): the demo's tiny model and batches are sized for CPU ranks
 
 echo "The demo takes 15-20 minutes on 2 CPU cores: measured 15 min 07 s in a fresh clone, 20 min 29 s beside the test suite (docs/benchmarks.md); most of it is the two trainings (steps 4 and 7)."
 

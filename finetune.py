@@ -22,13 +22,7 @@ from seqlm.model import build_model, check_compatible, document_separator, load_
 from seqlm.model_folder import check_model_folder
 from seqlm.outputs import FINE_TUNING
 from seqlm.tokenizer import load_tokenizer
-from seqlm.training.arguments import (
-    BenchmarkArguments,
-    FinetuningArguments,
-    FinetuningModelArguments,
-    SampleArguments,
-    SFTDataArguments,
-)
+from seqlm.training.arguments import FINETUNING_ARGUMENTS, SFTDataArguments
 from seqlm.training.fit import fit_to_device
 from seqlm.training.preflight import check_disk, check_ds_config, check_readable
 from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
@@ -48,8 +42,7 @@ def conversations(files: list[str], tokenizer, data_args: SFTDataArguments, trai
 
 
 def main() -> None:
-    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(
-        (FinetuningModelArguments, SFTDataArguments, SampleArguments, BenchmarkArguments, FinetuningArguments))
+    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(FINETUNING_ARGUMENTS)
     setup_logging(training_args)
     evaluating = bool(data_args.validation_files)
 
@@ -110,6 +103,7 @@ def main() -> None:
                          run_settings=settings,
                          seq_len=round(train_dataset.lengths.mean()))  # MFU: the mean conversation, padding excluded
     trainer.add_callback(samples)
+    samples.throughput = trainer.throughput  # generating is not training
     if benchmark is not None:
         benchmark.throughput = trainer.throughput  # the suite's time is not training time
         trainer.add_callback(benchmark)

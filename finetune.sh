@@ -17,7 +17,7 @@
 #   OUTPUT_DIR       checkpoints and final model (--output_dir); a rerun resumes from it
 #   SWANLAB_MODE     cloud (needs SWANLAB_API_KEY), local (`swanlab watch OUTPUT_DIR/swanlog`), offline, disabled
 #   DS_CONFIG        DeepSpeed config (default ds_config_zero2.json)
-#   NUM_GPUS, HOSTFILE, MASTER_PORT: see launch.sh
+#   NUM_GPUS, HOSTFILE, MASTER_PORT: see seqlm/training/launch.py; on Slurm: sbatch finetune.slurm
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,7 +25,7 @@ cd "$(dirname "$0")"
 ARGS_FILE=()
 case ${1:-} in *.yaml | *.yml | *.json) ARGS_FILE=("$1"); shift ;; esac
 
-exec bash launch.sh finetune.py "${ARGS_FILE[@]}" \
+exec python -m seqlm.training.launch finetune.py "${ARGS_FILE[@]}" \
     --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
     ${MODEL:+--model_name_or_path "$MODEL"} \
     ${TRAIN_FILE:+--train_files "$TRAIN_FILE"} \

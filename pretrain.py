@@ -16,13 +16,7 @@ from seqlm.evaluation.heldout import BitsPerCharCallback, EvaluatedText
 from seqlm.evaluation.report import RunRecordCallback
 from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
 from seqlm.outputs import PRETRAINING
-from seqlm.training.arguments import (
-    BenchmarkArguments,
-    DataTrainingArguments,
-    ModelArguments,
-    PretrainingArguments,
-    SampleArguments,
-)
+from seqlm.training.arguments import PRETRAINING_ARGUMENTS, DataTrainingArguments
 from seqlm.training.fit import fit_to_device
 from seqlm.training.preflight import check_disk, check_ds_config, check_readable
 from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
@@ -46,8 +40,7 @@ def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data
 
 
 def main() -> None:
-    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(
-        (ModelArguments, DataTrainingArguments, SampleArguments, BenchmarkArguments, PretrainingArguments))
+    model_args, data_args, sample_args, benchmark_args, training_args = parse_args(PRETRAINING_ARGUMENTS)
     setup_logging(training_args)
     evaluating = training_args.eval_strategy != "no" or training_args.do_eval
 
@@ -104,6 +97,7 @@ def main() -> None:
     if held_out is not None:
         trainer.add_callback(BitsPerCharCallback(held_out))
     trainer.add_callback(samples)
+    samples.throughput = trainer.throughput  # generating is not training
     if benchmark is not None:
         benchmark.throughput = trainer.throughput  # the suite's time is not training time
         trainer.add_callback(benchmark)

@@ -3,7 +3,8 @@
 #
 #   bash pretrain.sh                                  # Qwen2.5-0.5B from scratch on data/seq_monkey_1M.jsonl
 #   NUM_GPUS=4 bash pretrain.sh --learning_rate 3e-4  # any pretrain.py / TrainingArguments flag passes through
-#   HOSTFILE=hostfile bash pretrain.sh                # several nodes (see launch.sh for NUM_GPUS, HOSTFILE, MASTER_PORT)
+#   HOSTFILE=hostfile bash pretrain.sh                # several nodes (seqlm/training/launch.py: NUM_GPUS, HOSTFILE, ...)
+#   sbatch pretrain.slurm --learning_rate 3e-4        # on a Slurm cluster (pretrain.slurm runs this script on each node)
 #   bash pretrain.sh args.yaml --max_steps 100        # arguments from a .yaml or .json file; flags after it win
 #
 # What to train on and where to write, passed on only when set: the defaults (`python pretrain.py --help`) live in
@@ -22,7 +23,7 @@ cd "$(dirname "$0")"
 ARGS_FILE=()
 case ${1:-} in *.yaml | *.yml | *.json) ARGS_FILE=("$1"); shift ;; esac
 
-exec bash launch.sh pretrain.py "${ARGS_FILE[@]}" \
+exec python -m seqlm.training.launch pretrain.py "${ARGS_FILE[@]}" \
     --deepspeed "${DS_CONFIG:-ds_config_zero2.json}" \
     ${PRESET:+--config_name "$PRESET"} \
     ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} \

@@ -5,7 +5,7 @@
 #   bash speedrun.sh                 # every step; each prints its time, and the end prints them all
 #   bash speedrun.sh                 # again, after any stop: a step whose output is complete is skipped, and a
 #                                    # training resumes from its newest complete checkpoint
-#   NUM_GPUS=4 SWANLAB_MODE=local bash speedrun.sh     # launch.sh's and pretrain.sh's variables pass through
+#   NUM_GPUS=4 SWANLAB_MODE=local bash speedrun.sh     # the launcher's and pretrain.sh's variables pass through
 #   SPEEDRUN_DATA=demo PRESET=tiny PRETRAIN_STEPS=200 SFT_STEPS=60 bash speedrun.sh   # a rehearsal, offline, on CPU
 #
 # A step is complete when its output's own marker says so (python -m seqlm.training.speedrun: the files written

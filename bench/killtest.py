@@ -6,7 +6,7 @@ more: it must train nothing and leave the final weights byte for byte.
 With --damage P, after a share P of the kills 8 bytes are changed as well (sizes kept), half the time in a random file
 of the checkpoint a rerun would load (the rerun must skip it, naming the file, and resume from the one before), half
 the time in the token cache (the rerun must stop in one line telling to delete the cache folder; done, and rerun).
-With --ranks 2, half of the kills hit one rank only: the launcher must stop the other, and launch.sh say so in one
+With --ranks 2, half of the kills hit one rank only: DeepSpeed's launcher must stop the other, and ours say so in one
 line naming the checkpoint a rerun resumes from.
 
     python -m bench.killtest --kills 20 --out output/killtest     # 33 min on 2 CPU cores shared with other work
@@ -46,7 +46,7 @@ PORT = free_port()
 
 
 def wait_for_port(port: int, seconds: float = 60) -> None:
-    """Until the ranks of a killed run are gone from `port` (launch.sh refuses a MASTER_PORT in use)."""
+    """Until the ranks of a killed run are gone from `port` (the launcher refuses a MASTER_PORT in use)."""
     deadline = time.monotonic() + seconds
     while True:
         with socket.socket() as s:

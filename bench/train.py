@@ -1,6 +1,7 @@
 """Training speed, one change at a time, in one run: the tutorial's stack first, then each setting that may make it
-faster, each on top of the previous (a few as alternatives). Every variant is a real `bash launch.sh pretrain.py` run
-on the same data with the same seed and global batch; a variant counts only if its losses match the tutorial's.
+faster, each on top of the previous (a few as alternatives). Every variant is a real `python -m seqlm.training.launch
+pretrain.py` run on the same data with the same seed and global batch; a variant counts only if its losses match the
+tutorial's.
 
     python -m bench.train --out $OUT          # GPU: Qwen2.5-0.5B, block 2048, bf16; prints the table
     python -m bench.train --smoke             # CPU: the tiny preset, a few steps (tests/test_bench.py runs this)
@@ -66,7 +67,7 @@ def available(needs: str | None, cuda: bool) -> bool:
 def run(variant: Variant, flags: list[str], args) -> dict:
     folder = args.workdir / "run"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time, never a resume
-    command = ["bash", str(REPO / "launch.sh"), "pretrain.py", "--deepspeed", str(REPO / "ds_config_zero2.json"),
+    command = [sys.executable, "-m", "seqlm.training.launch", "pretrain.py", "--deepspeed", str(REPO / "ds_config_zero2.json"),
                "--config_name", args.preset, "--tokenizer_name", str(args.tokenizer),
                "--train_files", str(args.train_file), "--token_cache_dir", str(args.workdir / "token_cache"),
                "--output_dir", str(folder), "--block_size", str(args.block_size),

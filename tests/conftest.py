@@ -25,8 +25,8 @@ def pytest_configure(config):
     """Under pytest-xdist (make test), each worker gets its share of the cores. A training run on CPU spends most of
     its time in one thread (start-up, the launcher, Python between kernels), and OpenMP threads that wait spin: two
     runs of two threads each, side by side on two cores, took as long as one after the other (docs/benchmarks.md).
-    nproc, which launch.sh divides among a run's ranks, honours OMP_THREAD_LIMIT; torch and every other child,
-    OMP_NUM_THREADS."""
+    The cores the launcher divides among a run's ranks are at most OMP_THREAD_LIMIT (as nproc counts them); torch and
+    every other child, OMP_NUM_THREADS."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         share = str(max(1, (os.cpu_count() or 1) // workers))
@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_shared_memory():
-    """launch.sh removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
+    """The launcher removes DeepSpeed's 69 MB CPU all-reduce buffer when a run ends, but the tests that kill runs leave
     theirs, one per fresh port: /dev/shm is RAM, so remove what this session's runs left. Only buffers of the ports
     this process handed to its runs (helpers.PORTS: another xdist worker's are its own), and only those no live
     process maps."""

@@ -197,3 +197,28 @@ def add_a_prefix_token(spec):
     last = max(t["id"] for t in spec["added_tokens"])
     spec["added_tokens"] += [dict(spec["added_tokens"][0], id=last + 1, content="<zz>"),
                              dict(spec["added_tokens"][0], id=last + 2, content="<zz>x")]
+
+
+def rank_environments(proc: subprocess.Popen, port: int, token: str) -> tuple[dict[int, dict[str, str]], list[str]]:
+    """While `proc` runs: the environment of each rank of the run on `port` (from /proc, as the rank started, with
+    the secrets the launcher copied to its node, as it reads them, and that file's mode), and the command lines of every
+    process that holds `token` in its arguments."""
+    environments, exposed = {}, []
+    while proc.poll() is None:
+        for pid in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (pid / "cmdline").read_bytes().decode(errors="replace")
+                environ = dict(item.split("=", 1) for item in (pid / "environ").read_bytes().decode(
+                    errors="replace").split("\0") if "=" in item)
+            except OSError:  # ended meanwhile
+                continue
+            if token in cmdline:
+                exposed.append(cmdline.replace("\0", " "))
+            if environ.get("MASTER_PORT") == str(port) and "RANK" in environ and "pretrain.py" in cmdline:
+                environments[int(environ["RANK"])] = environ
+                secrets_file = Path(environ.get("SEQLM_SECRETS_FILE", "/nonexistent")).expanduser()
+                if secrets_file.is_file():  # what the rank reads into its environment (seqlm.training.run)
+                    environ["secrets file mode"] = oct(secrets_file.stat().st_mode & 0o777)
+                    environ.update(line.split("=", 1) for line in secrets_file.read_text().splitlines())
+        time.sleep(0.2)
+    return environments, exposed

@@ -116,7 +116,7 @@ def pretrain_command(data: dict, output_dir: Path, *args: str, preset="tiny", tr
            "PRESET": preset, "TOKENIZER": str(data["tokenizer"]), "TRAIN_FILE": str(train or data["train"]),
            "VALIDATION_FILE": str(data["val"]), "OUTPUT_DIR": str(output_dir), "NUM_GPUS": str(ranks),
            "MASTER_PORT": str(free_port()), "SWANLAB_MODE": swanlab, **extra_env}
-    env.pop("OMP_NUM_THREADS", None)  # launch.sh shares the cores out among the ranks
+    env.pop("OMP_NUM_THREADS", None)  # the launcher shares the cores out among the ranks
     return ["bash", str(REPO / "pretrain.sh"), "--token_cache_dir", str(data["cache"]), *args], env
 
 

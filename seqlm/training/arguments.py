@@ -235,3 +235,8 @@ class FinetuningArguments(PretrainingArguments):
     include_num_input_tokens_seen: str = field(  # str: the parser would read `str | bool` as a bool
         default="non_padding", metadata={"help": "Count the tokens seen (num_input_tokens_seen): non_padding, all, "
                                                  "no.", "choices": ["non_padding", "all", "no"]})
+
+
+# What each training script parses, in this order (the launcher checks the flags against them before starting ranks).
+PRETRAINING_ARGUMENTS = (ModelArguments, DataTrainingArguments, SampleArguments, BenchmarkArguments, PretrainingArguments)
+FINETUNING_ARGUMENTS = (FinetuningModelArguments, SFTDataArguments, SampleArguments, BenchmarkArguments, FinetuningArguments)

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from transformers import Trainer, TrainerCallback
 
 from seqlm.fileio import atomic_output, file_listing, listing_difference
 from seqlm.outputs import COMPLETE_MARKER, RUN_SETTINGS_FILE, UNIVERSAL_DIR
-from seqlm.paths import PRETRAIN_OUTPUT, SFT_OUTPUT
 
 log = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -202,12 +200,3 @@ def make_checkpoints_crash_safe(trainer: Trainer, settings: dict | None) -> None
     keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
     trainer.add_callback(CompleteCheckpoints(keep, settings))
 
-
-if __name__ == "__main__":
-    # `python -m seqlm.training.checkpoints SCRIPT ARGS...`: what a rerun of that command resumes from (launch.sh says it when a
-    # rank died).
-    script, args = sys.argv[1], sys.argv[2:]
-    output_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--output_dir=")), None) or next(
-        (value for flag, value in zip(args, args[1:]) if flag == "--output_dir"),
-        SFT_OUTPUT if Path(script).name == "finetune.py" else PRETRAIN_OUTPUT)
-    print(latest_complete_checkpoint(output_dir, quiet=True) or "the start (no complete checkpoint yet)")

@@ -38,7 +38,7 @@ from seqlm.training.universal import universal_checkpoint
 log = logging.getLogger(__name__)
 LOW_DISK = 1e9  # bytes: below this, a failure of torch.save's writer is taken for a full disk
 LAUNCHER_GRACE = 30  # seconds a rank that lost a peer leaves its launcher to stop it (which polls every second)
-SECRETS_FILE = "SEQLM_SECRETS_FILE"  # set by launch.sh on the nodes it starts over ssh
+SECRETS_FILE = "SEQLM_SECRETS_FILE"  # set by the launcher on the nodes it starts over ssh
 
 
 def fail(message: str) -> NoReturn:
@@ -48,15 +48,15 @@ def fail(message: str) -> NoReturn:
 
 
 def read_forwarded_secrets() -> None:
-    """The tokens and keys launch.sh gave this node over ssh (a file only the user can read; see launch.sh), into the
-    environment, where huggingface_hub and swanlab look for them. Variables set on the node itself win."""
+    """The tokens and keys the launcher gave this node over ssh (a file only the user can read: seqlm.training.launch),
+    into the environment, where huggingface_hub and swanlab look for them. Variables set on the node itself win."""
     path = os.environ.pop(SECRETS_FILE, None)
     if path is None:
         return
     try:
         lines = Path(path).expanduser().read_text().splitlines()
     except OSError as e:
-        fail(f"cannot read the run's tokens that launch.sh copied to this node ({e}): check that ssh from the first "
+        fail(f"cannot read the run's tokens that the launcher copied to this node ({e}): check that ssh from the first "
              "node reaches this one as the same user, and rerun")
     for line in lines:
         name, _, value = line.partition("=")
@@ -199,7 +199,7 @@ def one_line_on_failure(training_args: TrainingArguments) -> Iterator[None]:
 
 def wait_for_the_launcher() -> None:
     """The launcher stops every rank of its node once one has ended with an error, and names the exit code of the
-    first it finds ended (launch.sh repeats it): a rank that only lost a dead peer, exiting on its own, could be found
+    first it finds ended (seqlm.training.launch repeats it): a rank that only lost a dead peer, exiting on its own, could be found
     first, and its code (2) would hide the dead rank's (-9: out of memory). So it waits to be stopped; a peer that died
     on another node is not its own launcher's to see, so after LAUNCHER_GRACE it goes anyway. A rank started
     without a launcher (no LOCAL_RANK) exits at once."""

@@ -1,9 +1,11 @@
-"""launch.sh on the machines users share and spread over: the GPUs CUDA_VISIBLE_DEVICES names, and the environment
-a run needs on every node. The GPU choice is read from what DeepSpeed's own runner resolves (its launcher logs the
-world it was given, and the CUDA_VISIBLE_DEVICES it sets for the ranks), with a stand-in `nvidia-smi` that lists
-four GPUs; the ranks then stop at --help, as this machine has no GPU to train on."""
+"""The launcher (seqlm/training/launch.py) on the machines users share and spread over: the GPUs torch sees and
+CUDA_VISIBLE_DEVICES names, flags checked before any rank starts, a failure's last line, and the environment a run needs
+on every node. The GPU choice is planned in this process with torch's device count stood in for (this torch is a CPU
+build) and a stand-in `nvidia-smi`, then read from what DeepSpeed's own runner resolves (its launcher logs the world it
+was given, and the CUDA_VISIBLE_DEVICES it sets for the ranks); the ranks stop at --help, as this machine has no GPU."""
 import getpass
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -13,61 +15,156 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NARROW_RUN, REPO, free_port, pretrain_command, pretrain_sh, trainer_state
+import torch
+from helpers import NARROW_RUN, REPO, free_port, pretrain_command, pretrain_sh, rank_environments, trainer_state
 
-FOUR_GPUS = """#!/bin/sh
-[ "$1" = -L ] || exit 9
-for i in 0 1 2 3; do echo "GPU $i: NVIDIA A100-SXM4-80GB (UUID: GPU-$i$i$i$i$i$i$i$i-aaaa-bbbb-cccc-dddddddddddd)"; done
-"""
+from seqlm.training import launch
+from seqlm.training.launch import LaunchError, plan
+
+FOUR_GPUS = "\n".join(f"GPU {i}: NVIDIA A100-SXM4-80GB (UUID: GPU-{i}{i}{i}{i}{i}{i}{i}{i}-aaaa-bbbb-cccc-dddddddddddd)"
+                      for i in range(4))
+# One A100 split in two MIG slices, as `nvidia-smi -L` prints it: three lines, one GPU a process can use.
+MIG = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5f2d3c1e-0000-1111-2222-333344445555)
+  MIG 3g.20gb     Device  0: (UUID: MIG-1c7e6a3e-aaaa-5bbb-8ccc-0123456789ab)
+  MIG 3g.20gb     Device  1: (UUID: MIG-2d8f7b4f-aaaa-5bbb-8ccc-0123456789ab)"""
 
 
 @pytest.fixture
-def four_gpu_machine(tmp_path):
-    """An environment whose `nvidia-smi -L` lists four GPUs; LOCAL_SIZE is DeepSpeed's own device count for its CPU
-    accelerator, which the runner asks in place of CUDA's."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(FOUR_GPUS)
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "LOCAL_SIZE": "4"}
-    for name in "NUM_GPUS", "HOSTFILE", "NODE_RANK", "CUDA_VISIBLE_DEVICES":
-        env.pop(name, None)
-    return env
-
-
-def launch(script: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / script), "--help"], env=env, capture_output=True, text=True, timeout=300)
+def machine(tmp_path, monkeypatch):
+    """machine(listing, torch_sees) -> the environment of a machine whose `nvidia-smi -L` prints `listing` (None: no
+    nvidia-smi) and whose torch counts `torch_sees` GPUs, for plan() and main() in this process."""
+    def make(listing: str | None, torch_sees: int) -> dict[str, str]:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        if listing is not None:
+            (bin_dir / "nvidia-smi").write_text(f'#!/bin/sh\n[ "$1" = -L ] || exit 9\ncat <<EOF\n{listing}\nEOF\n')
+            (bin_dir / "nvidia-smi").chmod(0o755)
+        monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), "/usr/bin",
+                                                    "/bin"]))
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: torch_sees)
+        for name in "NUM_GPUS", "HOSTFILE", "NODE_RANK", "CUDA_VISIBLE_DEVICES", "DEVICE", "MASTER_PORT", \
+                "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_JOB_NUM_NODES", "DS_ACCELERATOR", "OMP_NUM_THREADS":
+            monkeypatch.delenv(name, raising=False)
+        return dict(os.environ)
+    return make
 
 
 @pytest.mark.parametrize("script, visible, num_gpus, used", [
-    ("pretrain.sh", "2,3", None, [2, 3]),
-    ("finetune.sh", "3,1,2", "1", [3]),  # NUM_GPUS counts within CUDA_VISIBLE_DEVICES, in its order
+    ("pretrain.py", "2,3", None, [2, 3]),
+    ("finetune.py", "3,1,2", "1", [3]),  # NUM_GPUS counts within CUDA_VISIBLE_DEVICES, in its order
 ])
-def test_the_gpus_cuda_visible_devices_names_are_the_ones_deepspeed_launches_on(four_gpu_machine, script, visible,
-                                                                               num_gpus, used):
-    env = {**four_gpu_machine, "CUDA_VISIBLE_DEVICES": visible, **({"NUM_GPUS": num_gpus} if num_gpus else {})}
-    result = launch(script, env)
+def test_the_gpus_cuda_visible_devices_names_are_the_ones_deepspeed_launches_on(machine, script, visible, num_gpus,
+                                                                               used):
+    env = {**machine(FOUR_GPUS, 4), "CUDA_VISIBLE_DEVICES": visible, **({"NUM_GPUS": num_gpus} if num_gpus else {})}
+    planned = plan(env)
+    assert planned.notes == [f"training on GPU {gpu}: NVIDIA A100-SXM4-80GB" for gpu in used]
+    # LOCAL_SIZE: DeepSpeed's own device count for its CPU accelerator, which the runner asks in place of CUDA's.
+    result = subprocess.run([*planned.command, script, "--help"], env={**planned.env, "LOCAL_SIZE": "4"}, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert f"WORLD INFO DICT: {{'localhost': {used}}}" in out  # DeepSpeed's launcher, from its runner
     assert f"Setting CUDA_VISIBLE_DEVICES={','.join(map(str, used))}" in out
     assert "ignoring it" not in out
-    assert [line for line in out.splitlines() if line.startswith("training on GPU")] == \
-        [f"training on GPU {gpu}: NVIDIA A100-SXM4-80GB" for gpu in used]
+
+
+def test_gpus_are_counted_as_torch_sees_them_not_as_nvidia_smi_lines(machine):
+    planned = plan(machine(MIG, 1))  # a MIG slice: one GPU to torch, three lines of nvidia-smi -L
+    assert planned.command[1:3] == ["--num_gpus", "1"]
+    assert planned.notes == ["training on GPU 0: NVIDIA A100-SXM4-40GB"]
+
+
+def test_gpus_without_nvidia_smi_train_and_the_log_says_why_they_are_unnamed(machine):
+    planned = plan(machine(None, 2))
+    assert planned.command[1:3] == ["--num_gpus", "2"]
+    assert "DS_ACCELERATOR" not in planned.env
+    assert planned.notes == ["training on 2 GPU(s) as torch counts them (0,1); nvidia-smi is not installed or fails, "
+                             "so the log cannot name them"]
+
+
+def test_gpus_that_torch_cannot_see_stop_the_launch_unless_cpu_ranks_are_asked_for(machine):
+    env = machine(FOUR_GPUS, 0)  # a CPU build of torch on a GPU machine
+    with pytest.raises(LaunchError, match=re.escape(f"nvidia-smi lists 4 GPU(s) but torch {torch.__version__} sees "
+                                                    "none (a CPU build of torch")):
+        plan(env)
+    planned = plan({**env, "DEVICE": "cpu"})
+    assert planned.command[1:3] == ["--num_gpus", "1"] and planned.env["DS_ACCELERATOR"] == "cpu"
+
+
+@pytest.mark.parametrize("listing, torch_sees, flags", [
+    ("GPU 0: Tesla T4 (UUID: GPU-0)", 1, []),  # pre-Ampere: no --bf16, the script chooses fp16
+    ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)", 1, []),
+    (None, 0, ["--use_cpu", "true"]),  # no GPU: CPU ranks
+])
+def test_the_launch_passes_no_precision_flag(machine, capfd, listing, torch_sees, flags):
+    """A stand-in for DeepSpeed's runner (the first `deepspeed` on PATH) prints what it was given."""
+    env = machine(listing, torch_sees)
+    runner = Path(env["PATH"].split(os.pathsep)[0]) / "deepspeed"
+    runner.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    runner.chmod(0o755)
+    assert launch.main(["pretrain.py", "--learning_rate", "1e-4"]) == 0
+    given = capfd.readouterr().out.splitlines()
+    script = given.index("pretrain.py")
+    assert given[script + 1:] == [*flags, "--learning_rate", "1e-4"]
 
 
 @pytest.mark.parametrize("visible, num_gpus, says", [
-    ("2,3", "3", "NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 names 2 GPU(s): NUM_GPUS counts within it"),
+    ("2,3", "3", "NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=2,3 names 2 GPU(s): NUM_GPUS counts within them"),
     ("GPU-2222", None, "CUDA_VISIBLE_DEVICES=GPU-2222: DeepSpeed's launcher takes GPU indices only"),
 ])
-def test_a_gpu_choice_deepspeed_cannot_honour_stops_in_one_line_before_launching(four_gpu_machine, visible, num_gpus,
-                                                                                 says):
-    env = {**four_gpu_machine, "CUDA_VISIBLE_DEVICES": visible, **({"NUM_GPUS": num_gpus} if num_gpus else {})}
-    result = launch("pretrain.sh", env)
+def test_a_gpu_choice_deepspeed_cannot_honour_stops_in_one_line_before_launching(machine, capfd, monkeypatch, visible,
+                                                                                 num_gpus, says):
+    machine(FOUR_GPUS, 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    if num_gpus:
+        monkeypatch.setenv("NUM_GPUS", num_gpus)
+    assert launch.main(["pretrain.py", "--help"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("pretrain.py", ["--learnig_rate", "3e-4"],
+     "error: pretrain.py has no flag --learnig_rate: did you mean --learning_rate? (`python pretrain.py --help` lists "
+     "them)\n"),
+    ("finetune.py", ["--gradient_acumulation_steps=4"],
+     "error: finetune.py has no flag --gradient_acumulation_steps: did you mean --gradient_accumulation_steps? "
+     "(`python finetune.py --help` lists them)\n"),
+])
+def test_a_misspelt_flag_is_refused_before_any_rank_starts(machine, capfd, script, args, says):
+    machine(None, 0)
+    assert launch.main([script, *args]) == 2
+    assert capfd.readouterr() == ("", says)
+
+
+def test_flags_argparse_takes_pass_the_check(machine, tmp_path, capfd):
+    """Every flag the scripts know, a unique prefix of one (argparse takes it) and a file of arguments."""
+    env = machine(None, 0)
+    runner = Path(env["PATH"].split(os.pathsep)[0]) / "deepspeed"
+    runner.write_text("#!/bin/sh\n")
+    runner.chmod(0o755)
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text("learning_rate: 3.0e-4\n")
+    assert launch.main(["finetune.py", str(args_file), "--system_prompt", "你好", "--learning_rat", "1e-5",
+                        "--output_dir=x"]) == 0
+    assert launch.main(["pretrain.py", "--config_overrides", "hidden_size=32", "--hub_model_id", "me/m"]) == 0
+    assert "error" not in capfd.readouterr().err
+
+
+def test_a_refused_run_ends_with_its_refusal_not_a_resume_line(data, tmp_path):
+    """A rank that refused its input (exit code 2) said why in one line: the launcher's last line is that line."""
+    command, env = pretrain_command(data, tmp_path / "out", train=tmp_path / "nope.jsonl")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
-    assert "deepspeed" not in result.stdout + result.stderr.split("error:")[0]
+    assert result.stderr.splitlines()[-1].startswith(f"error: no corpus file {tmp_path / 'nope.jsonl'}: make it with")
+    assert "died" not in result.stdout + result.stderr
+
+
+def test_a_slurm_job_of_several_nodes_outside_srun_is_refused(machine):
+    env = {**machine(None, 0), "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2"}
+    with pytest.raises(LaunchError, match="this Slurm job has 2 nodes but runs outside srun"):
+        plan(env)
+    assert plan({**env, "SLURM_JOB_NUM_NODES": "1"}).command[1:3] == ["--num_gpus", "1"]  # a one-node job: as here
 
 
 # ---------------------------------------------------------------- two nodes over ssh
@@ -76,7 +173,7 @@ def test_a_gpu_choice_deepspeed_cannot_honour_stops_in_one_line_before_launching
 def ssh_to_this_machine(tmp_path):
     """Debian's sshd on 127.0.0.1 (a fresh port, its own host key) letting this user in with a key of its own, and an
     `ssh` on PATH that reaches it under the names `localhost` and `127.0.0.1`: what pdsh, DeepSpeed's ssh check and
-    launch.sh call. Yields the folder of that `ssh`; stops the sshd it started."""
+    the launcher call. Yields the folder of that `ssh`; stops the sshd it started."""
     if not (Path("/usr/sbin/sshd").is_file() and shutil.which("pdsh")):
         pytest.skip("needs Debian's openssh-server and pdsh (apt-get install openssh-server pdsh)")
     folder = tmp_path / "ssh"
@@ -109,31 +206,6 @@ def ssh_to_this_machine(tmp_path):
     finally:
         sshd.terminate()
         sshd.wait(timeout=30)
-
-
-def rank_environments(proc: subprocess.Popen, port: int, token: str) -> tuple[dict[int, dict[str, str]], list[str]]:
-    """While `proc` runs: the environment of each rank of the run on `port` (from /proc, as the rank started, with
-    the secrets launch.sh copied to its node, as it reads them, and that file's mode), and the command lines of every
-    process that holds `token` in its arguments."""
-    environments, exposed = {}, []
-    while proc.poll() is None:
-        for pid in Path("/proc").glob("[0-9]*"):
-            try:
-                cmdline = (pid / "cmdline").read_bytes().decode(errors="replace")
-                environ = dict(item.split("=", 1) for item in (pid / "environ").read_bytes().decode(
-                    errors="replace").split("\0") if "=" in item)
-            except OSError:  # ended meanwhile
-                continue
-            if token in cmdline:
-                exposed.append(cmdline.replace("\0", " "))
-            if environ.get("MASTER_PORT") == str(port) and "RANK" in environ and "pretrain.py" in cmdline:
-                environments[int(environ["RANK"])] = environ
-                secrets_file = Path(environ.get("SEQLM_SECRETS_FILE", "/nonexistent")).expanduser()
-                if secrets_file.is_file():  # what the rank reads into its environment (seqlm.training.run)
-                    environ["secrets file mode"] = oct(secrets_file.stat().st_mode & 0o777)
-                    environ.update(line.split("=", 1) for line in secrets_file.read_text().splitlines())
-        time.sleep(0.2)
-    return environments, exposed
 
 
 def losses(output_dir: Path) -> dict[int, float]:

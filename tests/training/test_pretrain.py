@@ -219,7 +219,7 @@ def test_real_qwen25_05b_takes_a_step(data, tmp_path):
                       "--gradient_accumulation_steps", "1", "--max_steps", "1", "--eval_strategy", "no",
                       "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
                       "--sample_steps", "0", preset="qwen2.5-0.5b", train=data["val"],
-                      # glibc's default thresholds (launch.sh's CPU tuning pays off for small models, not this one):
+                      # glibc's default thresholds (the launcher's CPU tuning pays off for small models, not this one):
                       # peak RSS 12.2 GB instead of 16.1 GB, measured
                       MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     assert "494,032,768 parameters" in log
