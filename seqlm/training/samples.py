@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ class SamplesCallback(TrainerCallback):
         self.max_new_tokens, self.seed, self.chat = max_new_tokens, seed, chat
         self._interval: int | None = None
         self._last_step: int | None = None
+        self.throughput = None  # the trainer's ThroughputCallback, told to leave the samples' time out of tokens/s
 
     @classmethod
     def from_args(cls, sample_args, tokenizer: PreTrainedTokenizerBase, chat: bool = False) -> SamplesCallback:
@@ -93,6 +95,7 @@ class SamplesCallback(TrainerCallback):
             self._sample(args, state, model)
 
     def _sample(self, args, state, model: PreTrainedModel) -> None:
+        start = time.perf_counter()
         was_training = model.training
         model.eval()  # no dropout, and no activation checkpointing (it turns the KV cache off)
         prompts = self.prompts
@@ -109,6 +112,8 @@ class SamplesCallback(TrainerCallback):
         log.info("samples at step %d:\n%s", state.global_step, "\n".join(
             f"  {s['prompt']}\n    greedy:  {s['greedy']!r}\n    sampled: {s['sampled']!r}" for s in record["samples"]))
         _log_to_swanlab(record)
+        if self.throughput is not None:
+            self.throughput.exclude(time.perf_counter() - start)
 
 
 def _log_to_swanlab(record: dict) -> None:

@@ -30,6 +30,7 @@ class ThroughputCallback(TrainerCallback):
         self.data_wait_seconds = 0.0
         self._last: tuple[float, int, float] | None = None  # time, tokens seen, data wait at the last log
         self._flops_per_token: float | None = None
+        self._save_started: float | None = None
 
     def _restart_interval(self, state) -> None:
         self._last = (time.perf_counter(), state.num_input_tokens_seen, self.data_wait_seconds)
@@ -56,8 +57,19 @@ class ThroughputCallback(TrainerCallback):
             logs["peak_memory_gb"] = round(peak_memory_gb(), 2)
             self._restart_interval(state)
 
+    def saving(self) -> None:
+        """A checkpoint save starts (SafeTrainer._save_checkpoint): on_save leaves it out of the interval."""
+        self._save_started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        # Added after the checkpoint-marking callback, so its part of the save (waiting for the other ranks) counts too.
+        if self._save_started is not None:
+            self.exclude(time.perf_counter() - self._save_started)
+            self._save_started = None
+
     def exclude(self, seconds: float) -> None:
-        """Leave `seconds` (an evaluation, a benchmark suite) out of the current interval: neither is training."""
+        """Leave `seconds` (an evaluation, a benchmark suite, samples, a save) out of the current interval: none is
+        training."""
         if self._last is not None:
             then, tokens, wait = self._last
             self._last = (then + seconds, tokens, wait)

@@ -62,6 +62,10 @@ class SafeTrainer(Trainer):
         finally:
             model.config.use_cache = use_cache
 
+    def _save_checkpoint(self, model, trial) -> None:
+        self.throughput.saving()
+        super()._save_checkpoint(model, trial)
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         if resume_from_checkpoint:
             step = int(str(resume_from_checkpoint).rstrip("/").rsplit("-", 1)[-1])

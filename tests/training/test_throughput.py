@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainingArguments, default_data_collator
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments, default_data_collator
 
 from seqlm.model import load_config
 from seqlm.training.trainer import SafeTrainer
@@ -54,3 +54,42 @@ def test_data_wait_is_the_share_of_time_spent_reading_batches(tmp_path, delay):
         # At least the sleeps; beyond them, fetching is a small part of what is not sleep (bounds that hold on a
         # loaded machine too: both sides slow down together).
         assert 0.95 * expected <= waited <= expected + 0.5 * (interval - expected), (waited, expected, interval)
+
+
+class SlowDisk(TrainerCallback):
+    """A save that takes a second more: what writing the 0.5B model's 6 GB of optimizer state takes longer."""
+
+    def on_save(self, args, state, control, **kwargs):
+        time.sleep(1)
+
+
+def test_samples_and_saves_are_left_out_of_the_interval(tmp_path):
+    """The interval tokens/s and MFU are measured over starts later by the time spent generating samples and saving a
+    checkpoint (the Trainer's own save, then its callbacks), as it already does for evaluations and benchmarks."""
+    from transformers import AutoTokenizer
+
+    from seqlm.data.demo import copy_offline_tokenizer
+    from seqlm.training.samples import SamplesCallback
+
+    copy_offline_tokenizer(tmp_path / "tokenizer")
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_config("tiny"))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=BATCH, max_steps=1,
+                             report_to="none", disable_tqdm=True, include_num_input_tokens_seen=True)
+    trainer = SafeTrainer(model=model, args=args, train_dataset=Blocks(0.0), data_collator=default_data_collator,
+                          seq_len=SEQ, callbacks=[SlowDisk()])
+    samples = SamplesCallback(["今天"], AutoTokenizer.from_pretrained(tmp_path / "tokenizer"), every=1, max_new_tokens=8)
+    samples.throughput = trainer.throughput
+    trainer.throughput.on_train_begin(args, trainer.state, trainer.control)
+    started = trainer.throughput._last[0]
+    samples.on_train_begin(args, trainer.state, trainer.control, model=model)  # samples the untrained model
+    sampled = trainer.throughput._last[0]
+    assert sampled > started
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)  # what a checkpoint saves besides the model
+    trainer._save_checkpoint(model, None)
+    trainer.callback_handler.on_save(args, trainer.state, trainer.control)  # as the Trainer follows its save
+    assert trainer.throughput._last[0] - sampled > 1  # the save, the slow disk included
+    from seqlm.training.checkpoints import CompleteCheckpoints
+
+    next(c for c in trainer.callback_handler.callbacks if isinstance(c, CompleteCheckpoints)).wait()  # its marker
