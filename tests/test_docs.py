@@ -42,7 +42,9 @@ EXTERNAL_COMMANDS = {"ssh", "ollama", "llama-cli", "vllm", "cp", "apt-get", "pip
                      "source", "head", "nvidia-smi", "git"}
 EXTERNAL_MODULES = {"deepspeed.checkpoint.ds_to_universal", "sglang.launch_server"}
 EXTERNAL_FLAGS = {"--safe_serialization",  # DeepSpeed's zero_to_fp32.py, which each checkpoint carries
-                  "--reverse", "--randomly-seed"}  # pytest-reverse's and pytest-randomly's (make test PYTEST_ARGS=...)
+                  "--reverse", "--randomly-seed",  # pytest-reverse's and pytest-randomly's (make test PYTEST_ARGS=...)
+                  "--me",  # squeue's
+                  "--learnig_rate"}  # the misspelt flag the docs show refused
 EXTERNAL_FILES = {"zero_to_fp32.py",  # inside every checkpoint folder, written by DeepSpeed
                   "convert_hf_to_gguf.py"}  # llama.cpp's converter, which make gguf-setup unpacks
 ARGPARSE_SCRIPTS = ["serve.py", "chat.py", "evaluate.py", "benchmark.py", "report.py", "download_dataset.py", "export.py",
@@ -172,17 +174,12 @@ def argparse_flags(script: str) -> set[str]:
 
 @functools.cache
 def training_parser(script: str):
-    """The HfArgumentParser the script builds, from the dataclasses it names (seqlm/training/arguments.py)."""
+    """The HfArgumentParser the script builds (seqlm/training/arguments.py), which the launcher checks flags with."""
     from transformers import HfArgumentParser
 
-    from seqlm.training import arguments
+    from seqlm.training.launch import script_arguments
 
-    tree = ast.parse((REPO / script).read_text())
-    names = [n.id for node in ast.walk(tree) if isinstance(node, ast.Call)
-             and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("parse_args", "HfArgumentParser")
-             for arg in node.args if isinstance(arg, ast.Tuple) for n in arg.elts if isinstance(n, ast.Name)]
-    assert names, f"{script}: no argument dataclasses found"
-    return HfArgumentParser(tuple(getattr(arguments, n) for n in names))
+    return HfArgumentParser(script_arguments(script))
 
 
 def flags_of(script: str) -> set[str]:
@@ -194,6 +191,8 @@ def flags_of(script: str) -> set[str]:
 @functools.cache
 def all_flags() -> set[str]:
     known = set(EXTERNAL_FLAGS)
+    for batch_script in REPO.glob("*.slurm"):  # sbatch's and srun's options, as the Slurm scripts give them
+        known |= set(FLAG.findall(batch_script.read_text()))
     for script in ARGPARSE_SCRIPTS + TRAINING_SCRIPTS + list(PENDING_FLAGS):
         if (REPO / script).exists() or script in PENDING_FILES:
             known |= flags_of(script) if (REPO / script).exists() else PENDING_FLAGS[script]
