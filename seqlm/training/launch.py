@@ -67,7 +67,7 @@ class Launch:
 # ---------------------------------------------------------------- the devices of this machine
 
 def gpus_torch_sees() -> int:
-    """The GPUs this process may use, as torch counts them (through NVML: no CUDA context is made), within
+    """The GPUs this process may use, as torch counts them (through NVML where it can, making no CUDA context), within
     CUDA_VISIBLE_DEVICES: a MIG slice is one, and a CPU build of torch sees none."""
     import torch
 
@@ -124,8 +124,9 @@ def device_setup(env: dict[str, str]) -> tuple[list[int] | None, list[str]]:
         import torch
 
         raise LaunchError(f"nvidia-smi lists {len(names)} GPU(s) but torch {torch.__version__} sees none (a CPU build "
-                          "of torch, or a CUDA_VISIBLE_DEVICES that hides them): install torch's CUDA build "
-                          "(docs/gpus.md), or set DEVICE=cpu to train on CPU ranks")
+                          "of torch, or a CUDA_VISIBLE_DEVICES that hides them): install the CUDA build (`rm -rf .venv && "
+                          "make setup`, without TORCH_INDEX_URL: the package index's torch for Linux is the CUDA "
+                          "build), or set DEVICE=cpu to train on CPU ranks")
     ranks = env.get("NUM_GPUS") or "1"
     if not ranks.isdigit() or int(ranks) < 1:
         raise LaunchError(f"NUM_GPUS={ranks}: give the number of ranks, 1 or more")
@@ -276,10 +277,8 @@ def slurm_step(env: dict[str, str]) -> Launch:
                           "pretrain.slurm does)")
     node_rank = nodes.index(env["SLURMD_NODENAME"])
     gpus, notes = device_setup(env)
-    port = int(env.get("MASTER_PORT") or SLURM_PORTS[0] + int(env["SLURM_JOB_ID"]) % SLURM_PORTS[1])
-    if node_rank == 0:
-        env["MASTER_PORT"] = str(port)
-        port = checked_port(env, None)
+    job_port = SLURM_PORTS[0] + int(env["SLURM_JOB_ID"]) % SLURM_PORTS[1]
+    port = checked_port(env, job_port) if node_rank == 0 else int(env.get("MASTER_PORT") or job_port)
     master = env.get("MASTER_ADDR") or slurm_node_address(nodes[0])
     ranks = gpus if gpus is not None else list(range(int(env.get("NUM_GPUS") or 1)))
     # Every node's launcher counts the world from this map, so every node gets this node's number of ranks (Slurm's
