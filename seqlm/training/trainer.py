@@ -74,9 +74,13 @@ class SafeTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         start = time.perf_counter()
-        # Before any training (the closing evaluation of a finished run), the Trainer would start DeepSpeed's inference
-        # engine, which only ZeRO-3 has: the model evaluates as it is, each rank its share, as it does after training.
+        # Before any training (the closing evaluation of a finished run, --do_train false), the Trainer would start
+        # DeepSpeed's inference engine, which only ZeRO-3 has: the model evaluates as it is, each rank its share, as it
+        # does after training.
         without_engine = self.is_deepspeed_enabled and self.deepspeed is None
+        if without_engine:
+            # The config the engine would start from (deepspeed_init reads it there).
+            cast_as_the_engine(self.model, self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype())
         self.is_deepspeed_enabled &= not without_engine
         try:
             return super().evaluate(*args, **kwargs)
@@ -122,6 +126,17 @@ class SafeTrainer(Trainer):
                                 f"newest complete checkpoint in {self.args.output_dir} stays the newest; lower "
                                 "--learning_rate or check the data, then rerun to resume from it")
         return loss
+
+
+def cast_as_the_engine(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters to the run's precision as DeepSpeed's engine does when it starts
+    (engine._cast_module_mixed_precision): parameters only, buffers (RoPE's inv_freq) stay fp32. The model is loaded in
+    fp32 and nothing autocasts it under DeepSpeed (accelerate leaves autocast to the engine): evaluated as loaded,
+    flash-attention 2 refuses it, and sdpa gives other numbers than the evaluations during training. For good, as the
+    Trainer's --bf16_full_eval casts: casting back would not give fp32 weights back."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 class _Timed:
