@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NARROW_RUN, REPO, free_port, pretrain_command, trainer_state
+from helpers import NARROW_RUN, REPO, TINY_SFT, finetune_command, free_port, pretrain_command, trainer_state
 
 from seqlm.outputs import COMPLETE_MARKER
 from seqlm.training.checkpoints import checkpoints, incomplete_reason, latest_complete_checkpoint
@@ -195,3 +195,15 @@ def test_a_rank_that_dies_ends_the_job_in_one_line(slurm, data, tmp_path):
                     f"and the launcher stopped the others: rerunning the same command resumes from {newest}"], \
         text[-3000:]
     wait_until(lambda: not ranks_of(out), 120, "ranks left running")
+
+
+def test_finetune_slurm_fine_tunes_on_two_nodes(slurm, narrow_sft_data, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    command, env = finetune_command(narrow_sft_data, out, *TINY_SFT, "--sample_steps", "0", "--max_steps", "4")
+    env = {**env, "SLURM_CONF": slurm["SLURM_CONF"], "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["sbatch", "--wait", *JOB_OPTIONS, f"--output={log}", "--nodes=2", "finetune.slurm",
+                             *command[2:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, log.read_text()[-3000:]
+    assert "Slurm job" in log.read_text() and "node 1 of 2 (n2)" in log.read_text()
+    assert "| processes | 2 |" in (out / "report.md").read_text()
+    assert trainer_state(out)["global_step"] == 4
