@@ -12,6 +12,9 @@ fit_to_device in the open):
   the run needs them to fit, the cheaper in compute first. A micro-batch given that does not fit is warned about, with
   the flags the automatic choice would take.
 
+Over several ranks the card is what they all have (common_device: the least memory, the oldest compute capability), so
+that every rank takes the same choices.
+
 The same rule answers before a GPU is rented:
 
     python -m seqlm.training.fit      # the choices for common cards: the table in docs/gpus.md
@@ -23,9 +26,11 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from seqlm.device import Device
@@ -147,12 +152,53 @@ def ways_to_fit(config: PretrainedConfig, block_size: int, device: Device, world
     return ways
 
 
+def ranks_devices(device: Device, world_size: int) -> list[Device]:
+    """Every rank's device, in rank order, gathered over the default process group (the Trainer's, started by
+    training_args.world_size)."""
+    if world_size == 1:
+        return [device]
+    devices = [None] * world_size
+    dist.all_gather_object(devices, device)
+    return devices
+
+
+def common_device(devices: list[Device]) -> Device:
+    """The device every rank plans for, so that all choose the same precision and batch shape (ranks with other
+    accumulation steps would wait in ZeRO's collectives until --ddp_timeout): the least memory, the oldest compute
+    capability, flash-attention and Liger only where every rank has them; a CPU if any rank is one."""
+    if len(set(devices)) == 1:
+        return devices[0]
+    if not all(d.is_gpu for d in devices):
+        return Device("CPU")
+    smallest = min(devices, key=lambda d: d.memory_bytes)
+    oldest = min(devices, key=lambda d: d.capability)
+    name = smallest.name if smallest.name == oldest.name else f"{smallest.name} / {oldest.name}"
+    return Device(name, smallest.memory_bytes, oldest.capability, all(d.flash_attention_installed for d in devices),
+                  all(d.liger_installed for d in devices))
+
+
+def describe_mix(devices: list[Device], common: Device) -> str:
+    """One line: the devices of the ranks, and what they all plan for."""
+    counts = Counter(d.describe() for d in devices)
+    line = f"the ranks' devices differ ({', '.join(f'{n} x {d}' for d, n in counts.items())}): every rank plans for " \
+           f"the least memory and the oldest compute capability among them, {common.describe()}"
+    for what, installed in (("flash-attention 2", [d.flash_attention_installed for d in devices]),
+                            ("liger-kernel", [d.liger_installed for d in devices])):
+        if 0 < sum(installed) < len(installed):
+            line += f"; {what} is installed on {sum(installed)} of {ranks(len(installed))} only, so none uses it"
+    return line
+
+
 def fit_to_device(config: PretrainedConfig, block_size: int, training_args, model_args,
                   device: Device | None = None):
-    """Decide precision, attention and the batch shape for `device` (default: this rank's), log each choice and why,
-    set model_args.attn_implementation, and return the TrainingArguments rebuilt with the choices: rebuilt, so that the
-    Trainer's own checks and the "auto" values of the DeepSpeed config see them. Raises ValueError in one line."""
-    device = device or Device.of(training_args)
+    """Decide precision, attention and the batch shape for `device` (default: this rank's; with several ranks, what
+    they all have: common_device), log each choice and why, set model_args.attn_implementation, and return the
+    TrainingArguments rebuilt with the choices: rebuilt, so that the Trainer's own checks and the "auto" values of the
+    DeepSpeed config see them. Raises ValueError in one line."""
+    devices = ranks_devices(device or Device.of(training_args), training_args.world_size)
+    device = common_device(devices)
+    if len(set(devices)) > 1 and training_args.process_index == 0:
+        log.warning(describe_mix(devices, device))
     precision, precision_reason = device.precision(training_args.bf16, training_args.fp16)
     model_args.attn_implementation, attention_reason = choose_attention(device, model_args.attn_implementation)
     log.info("on %s: %s (%s); %s attention (%s)", device.describe(), precision, precision_reason,
