@@ -40,7 +40,7 @@ from seqlm.evaluation.benchmarks import (  # noqa: E402
     write_task_files,
 )
 from seqlm.evaluation.heldout import score_file  # noqa: E402
-from seqlm.model import check_compatible, document_separator, inference_device, load_config  # noqa: E402
+from seqlm.model import check_compatible, document_separator, inference_device, inference_dtype, load_config  # noqa: E402
 from seqlm.model_folder import check_model_folder  # noqa: E402
 from seqlm.tokenizer import load_tokenizer  # noqa: E402
 
@@ -91,8 +91,8 @@ def main() -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     chat = is_chat_model(tokenizer) if args.chat_template == "auto" else args.chat_template == "yes"
-    device, dtype = inference_device()
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
+    device = inference_device()
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=inference_dtype(device, args.model_path),
                                                  device_map="cuda" if device == "cuda" else None)
     rows = run_suite(model, tokenizer, benchmarks, Path(task_dir.name), chat=chat, batch_size=args.batch_size,
                      max_length=max_length, prefix_token_id=separator_id, limit=args.limit)

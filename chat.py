@@ -26,7 +26,7 @@ from transformers import (
 
 from seqlm import paths
 from seqlm.data.conversation import is_chat_model
-from seqlm.model import inference_device
+from seqlm.model import inference_device, inference_dtype
 from seqlm.model_folder import check_model_folder, check_tokenizer_fits
 
 Message = dict[str, str]
@@ -69,8 +69,8 @@ def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer; ModelFolderError, OSError or ValueError, with a one-line message, if unusable."""
     check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    device, dtype = inference_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    device = inference_device()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(device, path))
     check_tokenizer_fits(path, tokenizer, model.config.vocab_size)
     return model.to(device).eval(), tokenizer
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from seqlm import outputs, paths
 from seqlm.evaluation.heldout import score_file
-from seqlm.model import check_compatible, document_separator, inference_device, load_config
+from seqlm.model import check_compatible, document_separator, inference_device, inference_dtype, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.tokenizer import load_tokenizer
 
@@ -53,8 +53,8 @@ def main() -> int:
         args.block_size = args.block_size or outputs.trained_block_size(args.model_path) or DEFAULT_BLOCK_SIZE
         check_compatible(config, tokenizer, args.block_size)
         separator_id = document_separator(config)
-        device, dtype = inference_device()
-        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype,
+        device = inference_device()
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=inference_dtype(device, args.model_path),
                                                      device_map="cuda" if device == "cuda" else None)
         scores = [score_file(model, tokenizer, separator_id, f, args.block_size, args.token_cache_dir, args.batch_size,
                              args.max_blocks) for f in args.files]

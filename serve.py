@@ -25,7 +25,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, mps, cpu (default: %(default)s: a GPU if any)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="(default: %(default)s: bfloat16 on GPUs that have it, float16 on others, float32 on CPU)")
+                   help="(default: %(default)s: bfloat16 on GPUs that have it; on others float16 for a checkpoint trained in "
+                        "float16, else float32, since float16 can overflow a model trained in bfloat16; float32 on CPU)")
     p.add_argument("--continuous_batching", action="store_true",
                    help="batch concurrent requests in the same forward passes (GPUs only). In transformers 5.24 "
                         "the sampling settings of the first request then apply to all, and repetition penalties "
@@ -73,14 +74,10 @@ def main() -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from seqlm.model import inference_device
+    from seqlm.model import inference_device, inference_dtype
     from seqlm.model_folder import check_model_folder  # imports transformers: after the checks that need nothing
 
-    device, dtype = inference_device()
-    device = device if args.device == "auto" else args.device
-    dtype = str(dtype).removeprefix("torch.") if args.dtype == "auto" else args.dtype
-    if device.startswith("cpu") and args.dtype == "auto":
-        dtype = "float32"
+    device = inference_device(args.device)
     if args.continuous_batching and device.startswith("cpu"):
         # Measured: a Qwen2.5-0.5B server grew to 12.6 GB on a shared 24 GB machine and was killed for memory.
         print("error: --continuous_batching is for GPUs: on the CPU transformers sizes its cache to 60% of all RAM, "
@@ -96,6 +93,9 @@ def main() -> int:
         from seqlm.serving.server import ServedModel
 
         served = ServedModel.from_folder(args.model_path, args.name)
+        # From --device's own GPU and the precision the checkpoint was trained in (Device.inference_dtype).
+        dtype = str(inference_dtype(device, args.model_path)).removeprefix("torch.") if args.dtype == "auto" \
+            else args.dtype
     except (OSError, ValueError) as e:  # ModelFolderError is a ValueError
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

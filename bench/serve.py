@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seqlm.data.conversation import prepare_chat_tokenizer, set_chat_eos
 from seqlm.evaluation.provenance import provenance
-from seqlm.model import inference_device, load_config
+from seqlm.model import inference_device, inference_dtype, load_config
 from seqlm.paths import REPO
 from seqlm.tokenizer import offline_tokenizer_dir
 
@@ -51,8 +51,9 @@ class Alone:
     """Plain model.generate, greedy, on the device and dtype serve.py picks, for the first prompt."""
 
     def __init__(self, path: Path):
-        self.device, dtype = inference_device()
+        self.device = inference_device()
         tokenizer = AutoTokenizer.from_pretrained(path)
+        dtype = inference_dtype(self.device, str(path))
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.ids = tokenizer.apply_chat_template(messages(0), add_generation_prompt=True, return_dict=True,
                                                  return_tensors="pt")["input_ids"].to(self.device)
@@ -137,7 +138,8 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
 
-    device, dtype = inference_device()
+    device = inference_device()
+    dtype = inference_dtype(device, str(path))
     mode = "continuous batching" if args.continuous_batching else "one generation at a time"
     print(f"{path}: {device}, {str(dtype).removeprefix('torch.')}; {args.max_tokens} tokens an answer, greedy; "
           f"server: {mode}; best of {args.repeat}")

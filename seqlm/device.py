@@ -63,8 +63,22 @@ class Device:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The precision of the rule, as a torch dtype: what inference loads a model in."""
+        """The precision of the rule, as a torch dtype."""
         return DTYPES[self.precision()[0]]
+
+    def inference_dtype(self, trained: torch.dtype | None) -> tuple[torch.dtype, str]:
+        """(dtype, why) to run a checkpoint trained in `trained` (its config's dtype; None where it says none): the rule's
+        precision, but fp32 instead of fp16 on a GPU without bf16 unless the checkpoint was trained in fp16. Training
+        in fp16 kept every forward pass within fp16's range (a non-finite loss stops a run); bf16 has fp32's range, and
+        a model trained in it may have activations past fp16's largest value, 65,504, which become inf in fp16 (Qwen2
+        models trained in bf16 give NaN or only "!" in fp16: QwenLM/Qwen3#761, #868). fp32 is the safe choice there,
+        at 4 bytes a parameter instead of 2."""
+        precision, why = self.precision()
+        if precision != "fp16" or trained == torch.float16:
+            return DTYPES[precision], why
+        trained_in = str(trained).removeprefix("torch.") if trained else "a precision its config does not say"
+        return torch.float32, (f"the GPU has no bf16, and fp16 could overflow a checkpoint trained in {trained_in} "
+                               "(activations past 65,504 become inf)")
 
     @property
     def repeats_kv(self) -> bool:

@@ -72,13 +72,30 @@ def parameter_count(config: PretrainedConfig) -> int:
         return AutoModelForCausalLM.from_config(config).num_parameters()
 
 
-def inference_device() -> tuple[str, torch.dtype]:
-    """Where and in what precision chat.py, serve.py, evaluate.py and benchmark.py run a model on this machine: the
-    first GPU in the precision training would take on it (seqlm.device: bf16 from compute capability 8.0, else
-    fp16), else Apple's GPU or the CPU in fp32."""
+def inference_device(requested: str = "auto") -> str:
+    """Where chat.py, serve.py, evaluate.py and benchmark.py run a model: `requested` (cuda:1, cpu, ...), or for auto
+    the first GPU, else Apple's GPU, else the CPU."""
+    if requested != "auto":
+        return requested
     if torch.cuda.is_available():
-        return "cuda", Device.from_properties(torch.cuda.get_device_properties(0)).dtype
-    return "mps" if torch.backends.mps.is_available() else "cpu", torch.float32
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def inference_dtype(device: str, model_path: str) -> torch.dtype:
+    """The precision to load the checkpoint `model_path` in on `device`: Device.inference_dtype, from that GPU's own
+    properties (cuda:1's, not the first GPU's) and the precision the checkpoint was trained in; fp32 off CUDA. Loading
+    in fp32 where fp16 was the rule is said in one line."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return torch.float32
+    card = Device.from_properties(torch.cuda.get_device_properties(device))
+    config = AutoConfig.from_pretrained(model_path)
+    dtype, why = card.inference_dtype(config.dtype)
+    if dtype != card.dtype:
+        weights = parameter_count(config) * 4 / 1e9
+        log.warning("%s loads in float32 on %s, %s: %s; %.1f GB of weights instead of %.1f", model_path, device,
+                    card.describe(), why, weights, weights / 2)
+    return dtype
 
 
 def build_model(config: PretrainedConfig, model_name_or_path: str | None, attn: str) -> PreTrainedModel:

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import HfArgumentParser
 
 from seqlm.device import Device
-from seqlm.model import build_model, inference_device, load_config, parameter_count
+from seqlm.model import build_model, load_config, parameter_count
 from seqlm.training import fit
 from seqlm.training.arguments import ModelArguments, PretrainingArguments
 from seqlm.training.fit import card_table, choose_attention, choose_batch_shape, fit_to_device
@@ -137,16 +137,13 @@ PROPERTIES = {"Tesla T4": (15_655_829_504, 7, 5), "Tesla V100-SXM2-32GB": (34_08
                                          ("NVIDIA A100-SXM4-80GB", torch.bfloat16)])
 def test_one_precision_rule_for_training_and_inference(name, dtype):
     """torch.cuda.is_bf16_supported() says True on a T4 and a V100 (emulated bf16): the rule goes by the compute
-    capability, for training (Device.of) and for chat, serve, evaluate and benchmark (inference_device) alike."""
+    capability, for training (Device.of) and for chat, serve, evaluate and benchmark alike (Device.inference_dtype starts
+    from it: tests/serving/test_inference_precision.py)."""
     memory, major, minor = PROPERTIES[name]
     device = Device.from_properties(SimpleNamespace(name=name, total_memory=memory, major=major, minor=minor))
     assert device.dtype == dtype
     training = fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), device)
     assert (training.bf16, training.fp16) == (dtype == torch.bfloat16, dtype == torch.float16)
-
-
-def test_inference_on_a_cpu_is_fp32():
-    assert inference_device() == ("cpu", torch.float32)
 
 
 @pytest.mark.parametrize("device, ds_precision, flags, error", [
