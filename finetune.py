@@ -36,8 +36,8 @@ log = logging.getLogger("finetune")
 
 def conversations(files: list[str], tokenizer, data_args: SFTDataArguments, training_args) -> ConversationDataset:
     """Tokenize each file once (the first process per machine builds, the others wait), then cut to max_length."""
-    with training_args.main_process_first(desc="tokenizing"):
-        folders = [build_sft_cache(f, tokenizer, data_args.system_prompt, data_args.token_cache_dir) for f in files]
+    # Every rank asks, as pretrain.py's do: the cache's file lock, not a barrier bounded by --ddp_timeout.
+    folders = [build_sft_cache(f, tokenizer, data_args.system_prompt, data_args.token_cache_dir) for f in files]
     return ConversationDataset(folders, data_args.max_length)
 
 

@@ -31,8 +31,9 @@ log = logging.getLogger("pretrain")
 def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data_args: DataTrainingArguments,
            training_args):
     """Tokenize each file once (the first process per machine builds, the others wait), then cut blocks."""
-    with training_args.main_process_first(desc="tokenizing"):
-        folders = [build_token_cache(f, tokenizer, separator_id, data_args.token_cache_dir) for f in files]
+    # Every rank asks: the cache's file lock lets one build while the others wait, with no timeout. A barrier around
+    # it would be bounded by --ddp_timeout (30 min), less than the whole corpus takes to tokenize.
+    folders = [build_token_cache(f, tokenizer, separator_id, data_args.token_cache_dir) for f in files]
     datasets = [BlockDataset(folder, data_args.block_size) for folder in folders]
     for d in datasets:
         d.cache.check_ids(vocab_size)

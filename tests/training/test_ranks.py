@@ -1,9 +1,10 @@
 """Ranks that must agree: every rank plans for the same device, so that all take the same precision and batch shape
-(ZeRO's collectives hang when their accumulation steps differ)."""
+(ZeRO's collectives hang when their accumulation steps differ); and ranks that wait for another to tokenize, longer
+than a collective's timeout."""
 import re
 
 import pytest
-from helpers import NARROW_RUN, REPO, pretrain_sh
+from helpers import NARROW_RUN, REPO, pretrain_sh, trainer_state
 
 from seqlm.device import Device
 from seqlm.training.fit import common_device, describe_mix
@@ -25,6 +26,29 @@ if "LOCAL_RANK" in os.environ:
     card = SimpleNamespace(**{STAND_INS!r}[int(os.environ["RANK"])])
     Device.of = classmethod(lambda cls, training_args: cls.from_properties(card))
 """
+TIMEOUT = 15  # seconds, for every collective of the ranks (torch's default for gloo, which CPU ranks use, is 1,800)
+# Each rank's collectives time out after TIMEOUT, and tokenizing takes twice as long: as the whole corpus would, against
+# the 30 minutes of --ddp_timeout on GPUs.
+SLOW_TOKENIZING = f"""
+import os
+if "LOCAL_RANK" in os.environ:
+    import sys
+    import time
+    from datetime import timedelta
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timedelta(seconds={TIMEOUT})
+    sys.path.insert(0, {str(REPO)!r})
+    from seqlm.data import token_cache
+    build = token_cache._build
+    token_cache._build = lambda *args: time.sleep({2 * TIMEOUT}) or build(*args)
+"""
+
+
+def site(folder, code: str) -> str:
+    """A folder for PYTHONPATH whose sitecustomize.py, which Python runs at start-up, holds `code`."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return str(folder)
 
 
 def test_the_smallest_memory_and_oldest_capability_are_planned_for():
@@ -45,13 +69,10 @@ def test_the_smallest_memory_and_oldest_capability_are_planned_for():
 def test_two_ranks_on_different_cards_take_one_plan_and_train(data, tmp_path):
     """Two CPU ranks through the launcher, each seeing its own stand-in card: both log the plan of the smaller card
     (micro-batch 2 x 4 accumulation steps), rank 0 names the mix, and the run trains to its end."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = pretrain_sh(data, tmp_path / "out", *NARROW_RUN, "--per_device_train_batch_size", "auto",
                       "--gradient_accumulation_steps", "auto", "--global_batch_size", "16", "--max_steps", "2",
                       "--eval_strategy", "no", "--save_strategy", "no", "--sample_steps", "0", "--report_to", "none",
-                      "--log_level_replica", "info", ranks=2, PYTHONPATH=str(site))
+                      "--log_level_replica", "info", ranks=2, PYTHONPATH=site(tmp_path / "site", SITECUSTOMIZE))
     plans = re.findall(r"global batch 16 sequences of 64 tokens = micro-batch .*", log)
     assert plans == 2 * ["global batch 16 sequences of 64 tokens = micro-batch 2 (chosen) x 4 accumulation steps x 2 "
                          "ranks; neither activation checkpointing nor a fused loss (estimated 2.0 GB, within 90% of the "
@@ -60,3 +81,15 @@ def test_two_ranks_on_different_cards_take_one_plan_and_train(data, tmp_path):
                      "card B (compute capability 8.6, 2.4 GB)): every rank plans for the least memory and the oldest "
                      "compute capability among them, stand-in card B / stand-in card A (compute capability 8.0, 2.4 "
                      "GB)") == 1
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_tokenizing_longer_than_the_collective_timeout(data, tmp_path):
+    """One rank tokenizes (twice as long as TIMEOUT) while the other waits for the cache, then both train: the wait is
+    the cache's file lock, not a barrier that the timeout bounds."""
+    log = pretrain_sh(data, tmp_path / "out", *NARROW_RUN, "--token_cache_dir", str(tmp_path / "cache"),
+                      "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--sample_steps", "0",
+                      "--report_to", "none", ranks=2, PYTHONPATH=site(tmp_path / "site", SLOW_TOKENIZING))
+    [seconds] = re.findall(r"tokenized .*train\.jsonl: .* in ([\d.]+) s", log)
+    assert float(seconds) > 2 * TIMEOUT
+    assert trainer_state(tmp_path / "out")["global_step"] == 2
