@@ -87,12 +87,17 @@ def slurm(module_tmp):
         if shutil.which("scancel") and (folder / "slurmctld.pid").exists():
             subprocess.run(["scancel", "--user", str(os.getuid())], env=env, capture_output=True)
             wait_until(lambda: not slurm_says(env, "squeue", "-h").strip(), 120, "jobs still running")
+        for proc in SUBMITTED:
+            proc.kill()
         for pid_file in pid_files:
             if pid_file.exists():
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
         for pid_file in pid_files:
             wait_until(lambda: not pid_file.exists() or not Path(f"/proc/{pid_file.read_text().strip()}").exists(), 60,
                        f"{pid_file.name}: still running")
+
+
+SUBMITTED: list[subprocess.Popen] = []  # sbatch --wait processes, stopped with the cluster if a test left one
 
 
 def job(slurm, data, out: Path, log: Path, *options: str, steps: int, wait=True, **extra_env):
@@ -103,6 +108,7 @@ def job(slurm, data, out: Path, log: Path, *options: str, steps: int, wait=True,
     env.pop("MASTER_PORT")  # the job's own, from its id
     sbatch = ["sbatch", "--wait", *JOB_OPTIONS, f"--output={log}", *options, "pretrain.slurm", *command[2:]]
     proc = subprocess.Popen(sbatch, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    SUBMITTED.append(proc)
     return proc.wait(timeout=900) if wait else proc
 
 
@@ -175,6 +181,28 @@ def test_a_cancelled_job_damages_nothing_and_resubmitted_on_one_node_resumes(slu
     assert sorted(after) == list(range(1, 11))
     assert all(after[s] == before[s] for s in before), "the history before the cancel is kept"
     assert step >= 4
+
+
+def test_a_requeued_job_resumes_on_the_nodes_it_gets(slurm, data, tmp_path):
+    """A two-node job requeued (as Slurm does on preemption or a node failure) and given one node: Slurm starts the same
+    job again, and it resumes with the same global batch; its log goes on in the same file."""
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    proc = job(slurm, data, out, log, "--nodes=2", steps=8, wait=False)
+    wait_until(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).exists() or proc.poll() is not None, 600,
+               "no checkpoint-4")
+    job_id = re.search(r"Slurm job (\d+): node 0 of 2", log.read_text())[1]
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
+    wait_until(lambda: slurm_says(slurm, "squeue", "-h", "-j", job_id, "-o", "%T").strip() == "PENDING", 120,
+               "the requeued job never came back to the queue")
+    # Back in the queue: one node is what it gets now; Slurm holds a requeued job back for a while (its BeginTime).
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1", "StartTime=now"], env=slurm, check=True)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"Slurm job {job_id}: node 0 of 1 (n1)" in text
+    assert re.search(rf"resuming from {out}/checkpoint-\d+, written by 2 ranks", text), text[-3000:]
+    assert "the same global batch of 4 sequences a step" in text
+    assert "| processes | 1 |" in (out / "report.md").read_text()
+    assert sorted(losses(out)) == list(range(1, 9))
 
 
 def losses_in(checkpoint: Path) -> dict[int, float]:
