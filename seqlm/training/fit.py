@@ -18,7 +18,7 @@ that every rank takes the same choices.
 The same rule answers before a GPU is rented:
 
     python -m seqlm.training.fit      # the choices for common cards: the table in docs/gpus.md
-    python -m seqlm.training.fit --per_device_train_batch_size 16 --gpu_memory_gb 24   # one plan, and the choice
+    python -m seqlm.training.fit --gpu_memory_gb 24 --per_device_train_batch_size 16   # the choice, then 16's plan
 """
 from __future__ import annotations
 
@@ -291,20 +291,38 @@ def card_table(preset: str = "qwen2.5-0.5b", block_size: int = 2048) -> str:
     return "\n".join(rows)
 
 
+def checkpointing_words(shape: BatchShape, given: bool | str, without: MemoryPlan) -> str:
+    """Whether a plan has activation checkpointing, and why: as given, or what "auto" made of it."""
+    if given != "auto":
+        words = f"{'with' if shape.checkpointing else 'without'} activation checkpointing (as given)"
+    elif shape.checkpointing:
+        words = f"with activation checkpointing (auto: without it {without.total / GB:.1f} GB)"
+    else:
+        words = "without activation checkpointing (auto: not needed)"
+    return words + (", with Liger's fused loss" if shape.fused_loss else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_name", default="qwen2.5-0.5b", help="preset (configs/) or config.json")
     p.add_argument("--config_overrides", help="as pretrain.py's, e.g. hidden_size=512,num_hidden_layers=8")
     p.add_argument("--block_size", type=int, default=2048)
-    p.add_argument("--per_device_train_batch_size", type=int, default=4)
+    p.add_argument("--per_device_train_batch_size", type=int,
+                   help=f"a micro-batch to plan besides the automatic choice ({CPU_MICRO_BATCH} without "
+                        "--gpu_memory_gb)")
     p.add_argument("--global_batch_size", type=int, default=DEFAULT_GLOBAL_BATCH_SIZE)
     p.add_argument("--num_gpus", type=int, default=1, help="GPUs in all (ZeRO splits over them)")
     p.add_argument("--zero_stage", type=int, choices=[-1, 0, 1, 2, 3], default=2,
                    help="DeepSpeed ZeRO stage; -1 for no DeepSpeed (plain DDP, autocast)")
-    p.add_argument("--activation_checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--activation_checkpointing", choices=["auto", "true", "false"], default="auto",
+                   help="auto: as pretrain.py, only when the run does not fit without it")
     p.add_argument("--use_liger_kernel", action="store_true", help="fused linear cross-entropy: no full logits")
     p.add_argument("--gpu_memory_gb", type=float,
-                   help="the GPU's memory: whether the plan fits it, and what the automatic choice takes")
+                   help="the GPU's memory in GiB, nvidia-smi's MiB / 1024 (24 for an RTX 4090, 15 for a T4): the "
+                        "automatic choice for it, and whether --per_device_train_batch_size fits")
+    p.add_argument("--compute_capability", type=float, default=9.0,
+                   help="the GPU's compute capability (7.5 for a T4, 8.0 for an A100; the table lists them): below "
+                        "8.0 the attention keeps k/v repeated to every head")
     if len(sys.argv) == 1:
         print(card_table())
         return
@@ -315,24 +333,40 @@ def main() -> None:
         p.error(str(e))
     parameters = parameter_count(config)
     zero = None if args.zero_stage < 0 else args.zero_stage
-    plan = plan_memory(config, parameters, args.per_device_train_batch_size, args.block_size, args.num_gpus, zero,
-                       args.activation_checkpointing, args.use_liger_kernel)
+    checkpointing = {"auto": "auto", "true": True, "false": False}[args.activation_checkpointing]
     name = args.config_name + (f" ({args.config_overrides})" if args.config_overrides else "")
-    print(f"{name}: {parameters:,} parameters; micro-batch {args.per_device_train_batch_size} x "
-          f"{args.block_size} tokens: {plan.summary()}")
-    if args.gpu_memory_gb:
-        device = Device("a GPU", args.gpu_memory_gb * GB, (9, 0), liger_installed=args.use_liger_kernel)
-        verdict = "fits" if fits(plan, device.memory_bytes) else "does not fit"
-        print(f"{verdict} {MEMORY_MARGIN:.0%} of {args.gpu_memory_gb:g} GB")
+    print(f"{name}: {parameters:,} parameters; global batch {args.global_batch_size} sequences of {args.block_size} "
+          f"tokens over {ranks(args.num_gpus)}, " + (f"ZeRO-{zero}" if zero is not None else "no DeepSpeed"))
+    major, minor = divmod(round(args.compute_capability * 10), 10)
+    if not args.gpu_memory_gb:  # no choice to make: the plan of one micro-batch, and what checkpointing changes
+        micro = args.per_device_train_batch_size or CPU_MICRO_BATCH
+        for on in [checkpointing] if checkpointing != "auto" else [False, True]:
+            plan = plan_memory(config, parameters, micro, args.block_size, args.num_gpus, zero, on,
+                               args.use_liger_kernel, Device("GPU", 0, (major, minor)).repeats_kv)
+            print(f"micro-batch {micro} {'with' if on else 'without'} activation checkpointing: {plan.summary()}")
+        return
+    device = Device(f"GPU of {args.gpu_memory_gb:g} GiB", args.gpu_memory_gb * 2**30, (major, minor),
+                    liger_installed=args.use_liger_kernel)
+    given = dict(checkpointing=checkpointing, fused_loss=args.use_liger_kernel or None)
+    print(f"on a {device.describe()}:")
+    micro_batches = ["auto"] + ([args.per_device_train_batch_size] if args.per_device_train_batch_size else [])
+    for micro in micro_batches:  # the choice first: what pretrain.py takes
+        label = "the automatic choice" if micro == "auto" else "as given"
         try:
             shape = choose_batch_shape(config, args.block_size, device, args.global_batch_size, args.num_gpus, zero,
-                                       checkpointing="auto", fused_loss=args.use_liger_kernel or None)
+                                       micro, **given)
         except ValueError as e:
-            print(f"global batch {args.global_batch_size}: {e}")
-            return
-        print(f"global batch {args.global_batch_size}, automatic choice: micro-batch {shape.micro_batch} x "
-              f"{shape.accumulation} accumulation steps x {ranks(args.num_gpus)}, {shape.savings()} "
-              f"({shape.plan.summary()})")
+            print(f"{label}: {e}")
+            continue
+        without = plan_memory(config, parameters, shape.micro_batch, args.block_size, args.num_gpus, zero, False,
+                              shape.fused_loss, device.repeats_kv)
+        verdict = f"within {MEMORY_MARGIN:.0%} of the GPU"
+        if not fits(shape.plan, device.memory_bytes):
+            verdict = f"more than {MEMORY_MARGIN:.0%} of the GPU: " + fitting_flags(
+                config, args.block_size, device, args.global_batch_size, args.num_gpus, zero, **given)
+        print(f"{label}: micro-batch {shape.micro_batch} x {shape.accumulation} accumulation steps x "
+              f"{ranks(args.num_gpus)}, {checkpointing_words(shape, checkpointing, without)}: {shape.plan.summary()}, "
+              f"{verdict}")
 
 
 if __name__ == "__main__":

@@ -323,7 +323,8 @@ def test_the_planner_takes_config_overrides_as_pretrain_py_does(monkeypatch, cap
                                       "hidden_size=32,intermediate_size=128", "--block_size", "64"])
     fit.main()
     assert capsys.readouterr().out.startswith(
-        f"tiny (hidden_size=32,intermediate_size=128): {tiny_parameters(32, 128, 2):,} parameters; micro-batch 4 x 64")
+        f"tiny (hidden_size=32,intermediate_size=128): {tiny_parameters(32, 128, 2):,} parameters; global batch 64 "
+        "sequences of 64 tokens")
     monkeypatch.setattr(sys, "argv", ["fit", "--config_name", "tiny", "--config_overrides", "hidden_size=30"])
     with pytest.raises(SystemExit) as stop:
         fit.main()
@@ -340,3 +341,52 @@ def test_gradients_accumulate_in_fp32_under_the_shipped_ds_config():
     assert result.returncode == 0, result.stderr[-2000:]
     error = float(re.search(r"shipped relative error (\S+)", result.stdout).group(1))
     assert error < 1e-6  # fp32 sums of bf16 terms: 1e-9; bf16 sums: 1e-3
+
+
+def planner(monkeypatch, capsys, *flags: str) -> list[str]:
+    """The lines of `python -m seqlm.training.fit FLAGS`."""
+    monkeypatch.setattr(sys, "argv", ["fit", *flags])
+    fit.main()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_the_planner_prints_the_choice_first_and_says_when_it_assumes_checkpointing(monkeypatch, capsys):
+    """As troubleshooting shows it, for a 24 GB card: the automatic choice (the RTX 4090 row of docs/gpus.md), then
+    the micro-batch asked for, which needs activation checkpointing, saying so with the plan without it."""
+    without, with_ = (re.search(r"activation checkpointing: ≈ ([\d.]+) GB", line)[1] for line in
+                      planner(monkeypatch, capsys, "--per_device_train_batch_size", "4")[1:])
+    _, card, choice, given = planner(monkeypatch, capsys, "--gpu_memory_gb", "24", "--per_device_train_batch_size", "4")
+    assert card == "on a GPU of 24 GiB (compute capability 9.0, 25.8 GB):"
+    assert choice.startswith("the automatic choice: micro-batch 1 x 64 accumulation steps x 1 rank, without activation "
+                             "checkpointing (auto: not needed): ≈ ")
+    assert choice.endswith(", within 90% of the GPU")
+    assert given.startswith(f"as given: micro-batch 4 x 16 accumulation steps x 1 rank, with activation checkpointing "
+                            f"(auto: without it {without} GB): ≈ {with_} GB per GPU")
+    assert given.endswith("more than 90% of the GPU: use --per_device_train_batch_size 1 --gradient_accumulation_steps "
+                          "64 (the same global batch of 64; estimated 18.7 GB), or --per_device_train_batch_size auto")
+    given = planner(monkeypatch, capsys, "--gpu_memory_gb", "24", "--per_device_train_batch_size", "4",
+                    "--activation_checkpointing", "true")[3]
+    assert given.startswith(f"as given: micro-batch 4 x 16 accumulation steps x 1 rank, with activation checkpointing "
+                            f"(as given): ≈ {with_} GB per GPU")
+
+
+@pytest.mark.parametrize("name, mib, capability", fit.COMMON_CARDS, ids=[card[0] for card in fit.COMMON_CARDS])
+def test_the_planner_command_gives_the_guides_choice_for_each_card(monkeypatch, capsys, name, mib, capability):
+    """The row of docs/gpus.md for a card, and the command given that card's memory as nvidia-smi shows it (MiB / 1024)
+    and its compute capability: the same micro-batch, accumulation and savings, or the same ways to fit. The table
+    assumes Liger installed where it is needed, or where nothing fits and the card runs it (compute capability 7.0)."""
+    [row] = [line.split(" | ")[1:] for line in (REPO / "docs/gpus.md").read_text().splitlines()
+             if line.startswith(f"| {name} (compute capability")]
+    precision, shape, checkpointing, liger = row[:4]
+    fitting = shape.startswith("does not fit one GPU; fits: ")
+    with_liger = liger.startswith("needed") or (fitting and capability >= (7, 0))
+    lines = planner(monkeypatch, capsys, "--gpu_memory_gb", str(mib / 1024), "--compute_capability",
+                    "{}.{}".format(*capability), *["--use_liger_kernel"] * with_liger)
+    [choice] = [line for line in lines if line.startswith("the automatic choice: ")]
+    if fitting:
+        assert "does not fit" in choice
+        assert all(way in choice for way in shape.removeprefix("does not fit one GPU; fits: ").split("; "))
+        return
+    assert choice.startswith(f"the automatic choice: micro-batch {shape} accumulation steps x "
+                             f"1 rank, {dict(on='with', off='without')[checkpointing]} activation checkpointing")
+    assert ("with Liger's fused loss" in choice) is liger.startswith("needed")
