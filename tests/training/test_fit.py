@@ -282,6 +282,18 @@ def test_on_a_cpu_auto_is_the_micro_batch_before_auto():
         (4, 16, False, False)
 
 
+def test_checkpointing_on_cpu_ranks_is_on_and_the_guides_say_so():
+    """auto on CPU ranks: no memory plan, so the least memory; the flag's row in the pretraining guide (both languages)
+    says so instead of "only when the run needs it to fit"."""
+    args = fit_to_device(load_config("tiny"), 128, parse(), ModelArguments(), Device("CPU"))
+    assert args.activation_checkpointing is True
+    for guide, cpu in (("docs/pretraining.md", "on CPU ranks, which have no memory plan, always on"),
+                       ("docs/pretraining.zh.md", "CPU 上没有显存估算，始终打开")):
+        [row] = [line for line in (REPO / guide).read_text().splitlines()
+                 if line.startswith("| `--activation_checkpointing` | `auto` |")]
+        assert cpu in row, guide
+
+
 def test_the_guides_table_is_the_planners():
     """docs/gpus.md and its Chinese version print the planner's table as `python -m seqlm.training.fit` does."""
     table = card_table()
