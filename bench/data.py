@@ -74,6 +74,20 @@ def ours(corpus: Path, workdir: Path, tokenizer: Path) -> dict:
     return dict(seconds=seconds, tokens=json.loads((folder / "manifest.json").read_text())["num_tokens"])
 
 
+GROUP_TEXTS_BATCH = 40000  # documents per map batch in the tutorial's grouping; each batch drops its remainder
+
+
+def group_texts(examples: dict, block_size: int) -> dict:
+    """The tutorial's group_texts, as written: one map batch concatenated and cut into blocks, its tail dropped."""
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated[list(examples.keys())[0]])
+    if total_length >= block_size:
+        total_length = (total_length // block_size) * block_size
+    result = {k: [t[i:i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
 def tutorial(corpus: Path, workdir: Path, tokenizer: Path, block_size: int = 2048) -> dict:
     """The tutorial's pretrain.py data code, as written (num_proc: every core here; it has 10)."""
     import datasets
@@ -86,17 +100,8 @@ def tutorial(corpus: Path, workdir: Path, tokenizer: Path, block_size: int = 204
         return tok([item for item in examples["text"]])
 
     tokenized = ds.map(tokenize_function, batched=True, num_proc=os.cpu_count(), remove_columns=column_names)
-
-    def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated[list(examples.keys())[0]])
-        if total_length >= block_size:
-            total_length = (total_length // block_size) * block_size
-        result = {k: [t[i:i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    grouped = tokenized.map(group_texts, batched=True, num_proc=os.cpu_count(), batch_size=40000)
+    grouped = tokenized.map(group_texts, batched=True, num_proc=os.cpu_count(), batch_size=GROUP_TEXTS_BATCH,
+                            fn_kwargs=dict(block_size=block_size))
     seconds = time.perf_counter() - start
     # Training reads the grouped Arrow files (13 bytes a token: int32 ids, int8 mask, int64 labels); the text and
     # tokenized caches stay on disk beside them, and count below.

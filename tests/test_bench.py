@@ -1,5 +1,6 @@
 """The benchmarks stay runnable: each runs here at its smallest size (their numbers are in docs/benchmarks.md)."""
 import json
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,22 @@ def test_serve_bench_compares_the_server_with_generate(tmp_path):
     assert {"model.generate, one answer", "serve.py, one streamed answer",
             "serve.py, 2 concurrent streams"} <= rows.keys()
     assert rows["serve.py, 2 concurrent streams"].split("|")[2].strip() == "8"  # both answers, 4 tokens each
+
+
+def test_recipe_bench_smoke_swaps_in_the_tutorials_choices_at_equal_tokens(tmp_path):
+    bench("recipe.py", "--smoke", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+          "--variants", "all of the tutorial's,SFT: our loss mask (seed 42),SFT: tutorial labels")
+    results = {r["variant"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert list(results) == ["defaults (seed 42)", "all of the tutorial's", "SFT: our loss mask (seed 42)",
+                             "SFT: tutorial labels"]
+    assert not any("error" in r for r in results.values()), results
+    defaults, tutorial = results["defaults (seed 42)"], results["all of the tutorial's"]
+    assert defaults["tokens"] == tutorial["tokens"] == 3 * 8 * 256  # --smoke: 3 steps of 8 blocks of 256
+    assert defaults["last_learning_rate"] < tutorial["last_learning_rate"] == pytest.approx(3e-3)  # WarmupLR: no decay
+    # The tutorial's blocks were trained on: fewer of them (no separators, a tail dropped per map batch)
+    blocks = [int(n.replace(",", "")) for n in re.findall(r"training on ([\d,]+) blocks",
+                                                              (tmp_path / "out" / "runs.log").read_text())]
+    assert len(blocks) == 2 and blocks[1] < blocks[0]
+    # The same conversations in the same order: the labels differ, not the data
+    assert results["SFT: our loss mask (seed 42)"]["tokens"] == results["SFT: tutorial labels"]["tokens"] > 0
+    assert all(r["eval_loss"] > 0 for r in results.values())
