@@ -26,7 +26,9 @@ if "LOCAL_RANK" in os.environ:
     card = SimpleNamespace(**{STAND_INS!r}[int(os.environ["RANK"])])
     Device.of = classmethod(lambda cls, training_args: cls.from_properties(card))
 """
-TIMEOUT = 15  # seconds, for every collective of the ranks (torch's default for gloo, which CPU ranks use, is 1,800)
+# Seconds, for every collective of the ranks (torch's default for gloo, which CPU ranks use, is 1,800): far above
+# what ranks doing the same work drift apart by on a loaded machine.
+TIMEOUT = 30
 # Each rank's collectives time out after TIMEOUT, and tokenizing takes twice as long: as the whole corpus would, against
 # the 30 minutes of --ddp_timeout on GPUs.
 SLOW_TOKENIZING = f"""
