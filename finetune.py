@@ -18,6 +18,7 @@ from seqlm.data.conversation import prepare_chat_tokenizer, set_chat_eos
 from seqlm.data.sft_cache import ConversationDataset, build_sft_cache
 from seqlm.evaluation.benchmark_callback import BenchmarkCallback
 from seqlm.evaluation.report import RunRecordCallback
+from seqlm.evaluation.tracking import swanlab_mode
 from seqlm.model import build_model, check_compatible, document_separator, load_config
 from seqlm.model_folder import check_model_folder
 from seqlm.outputs import FINE_TUNING
@@ -29,7 +30,6 @@ from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_log
 from seqlm.training.samples import SamplesCallback
 from seqlm.training.settings import fine_tuning_settings
 from seqlm.training.sft import PadToLongest, SFTTrainer
-from seqlm.training.tracking import swanlab_mode
 
 log = logging.getLogger("finetune")
 

@@ -14,6 +14,7 @@ from seqlm.data.token_cache import BlockDataset, build_token_cache
 from seqlm.evaluation.benchmark_callback import BenchmarkCallback
 from seqlm.evaluation.heldout import BitsPerCharCallback, EvaluatedText
 from seqlm.evaluation.report import RunRecordCallback
+from seqlm.evaluation.tracking import swanlab_mode
 from seqlm.model import build_model, end_text_with_separator, load_config_and_tokenizer
 from seqlm.outputs import PRETRAINING
 from seqlm.training.arguments import PRETRAINING_ARGUMENTS, DataTrainingArguments
@@ -22,7 +23,6 @@ from seqlm.training.preflight import check_disk, check_ds_config, check_readable
 from seqlm.training.run import checkpoint_to_resume, fail, parse_args, setup_logging, start_tracking, train_and_evaluate
 from seqlm.training.samples import SamplesCallback
 from seqlm.training.settings import pretraining_settings
-from seqlm.training.tracking import swanlab_mode
 from seqlm.training.trainer import SafeTrainer
 
 log = logging.getLogger("pretrain")

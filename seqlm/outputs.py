@@ -6,7 +6,7 @@ this one for a file's name or content; none spells a file name of its own.
       trainer_state.json, all_results.json               the Trainer's log history and final metrics
       run_settings.json    the settings of the newest checkpoint, which a rerun must match to resume (seqlm.training.settings)
       run_info.json        every argument, the command, git commit, libraries, hardware, the held-out set evaluated
-      swanlab_run.json     the swanlab run id, so a rerun continues the same run (seqlm.training.tracking)
+      swanlab_run.json     the swanlab run id, so a rerun continues the same run (seqlm.evaluation.tracking)
       samples.jsonl        one record per sampling step (seqlm.training.samples)
       report.md, plots/    the run report (seqlm.evaluation.report)
       checkpoint-N/        DeepSpeed + HF checkpoints and their run_settings.json; complete.json once every rank

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainerState, TrainingArguments
 
 from seqlm import outputs
 from seqlm.evaluation.report import write_report
+from seqlm.evaluation.tracking import start_swanlab
 from seqlm.training.checkpoints import agreed_checkpoint, export_model, latest_complete_checkpoint
 from seqlm.training.settings import (
     DEFAULT_ACCUMULATION,
@@ -31,7 +32,6 @@ from seqlm.training.settings import (
     ranks,
     settings_global_batch,
 )
-from seqlm.training.tracking import start_swanlab
 from seqlm.training.trainer import NonFiniteLoss, SafeTrainer
 from seqlm.training.universal import universal_checkpoint
 

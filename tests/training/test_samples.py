@@ -16,12 +16,12 @@ from transformers import (
 )
 
 from seqlm.data.token_cache import BlockDataset, build_token_cache
+from seqlm.evaluation.tracking import start_swanlab
 from seqlm.model import load_config
 from seqlm.outputs import read_samples
 from seqlm.training import samples as samples_module
 from seqlm.training.arguments import SampleArguments
 from seqlm.training.samples import SamplesCallback, continuations, load_prompts
-from seqlm.training.tracking import start_swanlab
 
 
 @pytest.fixture(scope="module")
