@@ -1,4 +1,4 @@
-# make demo: set up .venv and run the whole pipeline on the offline sample (CPU ranks; 12–20 minutes on 2 cores)
+# make demo: set up .venv and run the whole pipeline on the offline sample (CPU ranks; 15–20 minutes on 2 cores, measured: docs/benchmarks.md)
 # make test: set up .venv and run the test suite, less the tests marked slow (docs/development.md)
 # make test-all: set up .venv (with make gguf-setup) and run every test, the slow ones too (what CI runs)
 # make setup: only set up .venv (for the real run on a GPU machine: README.md)
