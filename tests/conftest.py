@@ -38,6 +38,7 @@ def pytest_configure(config):
 # for minutes after the others have finished.
 LONGEST_FIRST = ["training/test_resume.py", "training/test_reliability.py", "training/test_pretrain.py",
                  "serving/test_gguf.py", "training/test_speedrun.py", "test_bench.py",  # slow: make test-all only
+                 "training/test_learning.py",  # slow too
                  "training/test_ranks.py",  # slow too
                  "training/test_sft.py", "evaluation/test_benchmarks.py", "data/test_encoder.py",
                  "serving/test_serve.py", "evaluation/test_report.py"]
