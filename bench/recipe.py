@@ -3,7 +3,8 @@ tokens for our defaults (two seeds: their spread is the noise) and for each of t
 held-out bits per character of pretraining; then fine-tuning with our loss mask against the tutorial's labels (masked
 with the pad id), scored by the loss on the answers of held-out conversations.
 
-    python -m bench.recipe                    # the whole bench: 6 pretraining and 3 fine-tuning runs on CPU ranks
+    python -m bench.recipe                    # 6 pretraining, 3 fine-tuning runs on CPU ranks: 57 min, 2 shared cores
+    OMP_THREAD_LIMIT=1 python -m bench.recipe # one thread a run, where other work shares the cores (docs/benchmarks.md)
     python -m bench.recipe --smoke            # a few steps each (tests/test_bench.py runs this)
 
 The variants, each what the tutorial's code does (its pretrain.py, finetune.py and ds_config_zero2.json):
@@ -16,9 +17,10 @@ The variants, each what the tutorial's code does (its pretrain.py, finetune.py a
 - SFT, tutorial labels: its preprocess(): labels of the system and user turns and of each turn's header are the pad
   id (<|endoftext|>), not -100, while every <|im_start|>, <|im_end|> and the newline after it are trained; every
   conversation padded to --max_length with input and label the pad id (attention mask 0 there).
-Everything else is ours in every run. Our defaults and the schedule run `bash pretrain.sh` / `bash finetune.sh` as they
-are; the data variants run the same pretrain.py / finetune.py main() through the same launcher, with the training
-blocks or labels swapped in by this file (it is also their rank script: HOOK); evaluation is never swapped.
+Everything else is ours in every run. Every run is the command pretrain.sh / finetune.sh runs (the launcher on
+pretrain.py or finetune.py, with the flags they make of PRESET, TRAIN_FILE, ...); the data variants run the same
+main() through the same launcher, with the training blocks or labels swapped in by this file (it is also their rank
+script: HOOK). Evaluation is never swapped.
 
 --out receives results.md and results.json, rewritten after every run (a bench stopped by a time limit keeps what it
 finished), and runs.log (every run's output); runs write under --workdir.
