@@ -34,7 +34,7 @@ from seqlm.training.sft import PadToLongest, SFTTrainer
 log = logging.getLogger("finetune")
 
 
-def conversations(files: list[str], tokenizer, data_args: SFTDataArguments, training_args) -> ConversationDataset:
+def conversations(files: list[str], tokenizer, data_args: SFTDataArguments) -> ConversationDataset:
     """Tokenize each file once (the first process per machine builds, the others wait), then cut to max_length."""
     # Every rank asks, as pretrain.py's do: the cache's file lock, not a barrier bounded by --ddp_timeout.
     folders = [build_sft_cache(f, tokenizer, data_args.system_prompt, data_args.token_cache_dir) for f in files]
@@ -81,10 +81,10 @@ def main() -> None:
     set_seed(training_args.seed)
 
     try:
-        train_dataset = conversations(data_args.train_files, tokenizer, data_args, training_args)
+        train_dataset = conversations(data_args.train_files, tokenizer, data_args)
         eval_dataset = None
         if evaluating:
-            eval_dataset = conversations(data_args.validation_files, tokenizer, data_args, training_args)
+            eval_dataset = conversations(data_args.validation_files, tokenizer, data_args)
     except ValueError as e:
         fail(str(e).splitlines()[0])
     log.info("training: %s", train_dataset.summary())

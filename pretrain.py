@@ -28,8 +28,7 @@ from seqlm.training.trainer import SafeTrainer
 log = logging.getLogger("pretrain")
 
 
-def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data_args: DataTrainingArguments,
-           training_args):
+def blocks(files: list[str], tokenizer, separator_id: int, vocab_size: int, data_args: DataTrainingArguments):
     """Tokenize each file once (the first process per machine builds, the others wait), then cut blocks."""
     # Every rank asks: the cache's file lock lets one build while the others wait, with no timeout. A barrier around
     # it would be bounded by --ddp_timeout (30 min), less than the whole corpus takes to tokenize.
@@ -69,8 +68,7 @@ def main() -> None:
     set_seed(training_args.seed)
 
     try:
-        train_dataset = blocks(data_args.train_files, tokenizer, separator_id, config.vocab_size, data_args,
-                               training_args)
+        train_dataset = blocks(data_args.train_files, tokenizer, separator_id, config.vocab_size, data_args)
     except ValueError as e:  # a damaged cache, or a corpus with no valid line
         fail(str(e).splitlines()[0])
     log.info("training on %s blocks of %d tokens (%s tokens)", f"{len(train_dataset):,}", data_args.block_size,
@@ -78,8 +76,7 @@ def main() -> None:
     eval_dataset = held_out = None
     if evaluating:
         try:
-            eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, config.vocab_size, data_args,
-                                  training_args)
+            eval_dataset = blocks(data_args.validation_files, tokenizer, separator_id, config.vocab_size, data_args)
         except ValueError as e:
             fail(str(e).splitlines()[0])
         if data_args.max_eval_samples is not None:

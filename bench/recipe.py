@@ -164,9 +164,9 @@ def rank_main() -> None:
 
         product_blocks = pretrain.blocks
 
-        def blocks(files, tokenizer, separator_id, vocab_size, data_args, training_args):
+        def blocks(files, tokenizer, separator_id, vocab_size, data_args):
             if files is not data_args.train_files:
-                return product_blocks(files, tokenizer, separator_id, vocab_size, data_args, training_args)
+                return product_blocks(files, tokenizer, separator_id, vocab_size, data_args)
             return Blocks(value)
 
         pretrain.blocks = blocks
@@ -176,8 +176,8 @@ def rank_main() -> None:
 
         product_conversations = finetune.conversations
 
-        def conversations(files, tokenizer, data_args, training_args):
-            dataset = product_conversations(files, tokenizer, data_args, training_args)
+        def conversations(files, tokenizer, data_args):
+            dataset = product_conversations(files, tokenizer, data_args)
             if files is not data_args.train_files:
                 return dataset
             return TutorialLabels(dataset.folders, data_args.max_length, tokenizer)
