@@ -34,7 +34,8 @@ def check_model_folder(path: str) -> None:
         return  # a hub id: from_pretrained will say what is wrong with it
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelFolderError(f"no model folder {path}")
+        raise ModelFolderError(f"no model folder {path}: train one (bash pretrain.sh, bash finetune.sh), or pass "
+                               "--model_path with a checkpoint folder or a hub id")
     if not (folder / "config.json").is_file():
         deepspeed = folder.name.startswith("global_step")
         hint = " (a DeepSpeed global_step folder? use its checkpoint-N parent)" if deepspeed else ""

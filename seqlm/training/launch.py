@@ -285,7 +285,7 @@ def slurm_step(env: dict[str, str]) -> Launch:
     # --gres=gpu:N is per node); the indices are this node's own, which its ranks are given as CUDA_VISIBLE_DEVICES.
     world = {node: ranks if node == nodes[node_rank] else list(range(len(ranks))) for node in nodes}
     world_info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
-    notes.append(f"Slurm job {env['SLURM_JOB_ID']}: node {node_rank} of {len(nodes)} ({nodes[node_rank]}), "
+    notes.append(f"Slurm job {env['SLURM_JOB_ID']}: {nodes[node_rank]} is node rank {node_rank} of {len(nodes)} nodes, "
                  f"{len(ranks)} rank(s) a node, the first node at {master}:{port}")
     return Launch([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
                    f"--node_rank={node_rank}", f"--master_addr={master}", f"--master_port={port}"], env, port, notes)

@@ -131,7 +131,8 @@ def checkpoint_folders(root):
     (root / "no_weights").mkdir()
     load_config("tiny").save_pretrained(root / "no_weights")
     BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(root / "bert")
-    return [(root / "absent", f"error: no model folder {root / 'absent'}"),
+    return [(root / "absent", f"error: no model folder {root / 'absent'}: train one (bash pretrain.sh, bash finetune.sh), "
+                              "or pass --model_path"),
             (root / "empty", f"error: {root / 'empty'} has no config.json: not a Hugging Face model folder"),
             (root / "checkpoint-8" / "global_step8", "use its checkpoint-N parent"),
             (root / "no_weights", "has a config.json but no weights (model.safetensors or pytorch_model.bin)"),

@@ -140,8 +140,8 @@ def test_a_two_node_job_trains_with_the_run_environment_on_every_node(slurm, dat
         time.sleep(0.2)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
-    job_id = re.search(r"Slurm job (\d+): node 0 of 2 \(n1\)", text)[1]
-    assert f"Slurm job {job_id}: node 1 of 2 (n2), 1 rank(s) a node, the first node at 127.0.0.1:" \
+    job_id = re.search(r"Slurm job (\d+): n1 is node rank 0 of 2 nodes", text)[1]
+    assert f"Slurm job {job_id}: n2 is node rank 1 of 2 nodes, 1 rank(s) a node, the first node at 127.0.0.1:" \
            f"{20000 + int(job_id) % 20000}" in text  # n1's NodeAddr, and the port from the job id
     assert "| processes | 2 |" in (out / "report.md").read_text()
     assert len(losses(out)) == 4
@@ -190,7 +190,7 @@ def test_a_requeued_job_resumes_on_the_nodes_it_gets(slurm, data, tmp_path):
     proc = job(slurm, data, out, log, "--nodes=2", steps=8, wait=False)
     wait_until(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).exists() or proc.poll() is not None, 600,
                "no checkpoint-4")
-    job_id = re.search(r"Slurm job (\d+): node 0 of 2", log.read_text())[1]
+    job_id = re.search(r"Slurm job (\d+): n1 is node rank 0 of 2 nodes", log.read_text())[1]
     subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
     wait_until(lambda: slurm_says(slurm, "squeue", "-h", "-j", job_id, "-o", "%T").strip() == "PENDING", 120,
                "the requeued job never came back to the queue")
@@ -198,7 +198,7 @@ def test_a_requeued_job_resumes_on_the_nodes_it_gets(slurm, data, tmp_path):
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1", "StartTime=now"], env=slurm, check=True)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     text = log.read_text()
-    assert f"Slurm job {job_id}: node 0 of 1 (n1)" in text
+    assert f"Slurm job {job_id}: n1 is node rank 0 of 1 nodes" in text
     assert re.search(rf"resuming from {out}/checkpoint-\d+, written by 2 ranks", text), text[-3000:]
     assert "the same global batch of 4 sequences a step" in text
     assert "| processes | 1 |" in (out / "report.md").read_text()
@@ -232,6 +232,6 @@ def test_finetune_slurm_fine_tunes_on_two_nodes(slurm, narrow_sft_data, tmp_path
     result = subprocess.run(["sbatch", "--wait", *JOB_OPTIONS, f"--output={log}", "--nodes=2", "finetune.slurm",
                              *command[2:]], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, log.read_text()[-3000:]
-    assert "Slurm job" in log.read_text() and "node 1 of 2 (n2)" in log.read_text()
+    assert "Slurm job" in log.read_text() and "n2 is node rank 1 of 2 nodes" in log.read_text()
     assert "| processes | 2 |" in (out / "report.md").read_text()
     assert trainer_state(out)["global_step"] == 4
