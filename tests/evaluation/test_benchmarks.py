@@ -481,8 +481,12 @@ def test_throughput_leaves_out_the_time_a_suite_took(monkeypatch):
 
 
 def test_training_refuses_a_suite_it_cannot_run_in_one_line(tmp_path, offline_qwen_tokenizer):
+    # The missing task data first, naming the folder to fill, then a missing held-out file.
     options = BenchmarkArguments(benchmark_suite="cloze", benchmark_data_dir=str(tmp_path / "nope"))
-    with pytest.raises(benchmarks.BenchmarkError, match="^heldout_bpb needs a held-out file"):
+    with pytest.raises(benchmarks.BenchmarkError, match=f"^no data for xstorycloze_zh in {tmp_path / 'nope'}/"):
         BenchmarkCallback.from_args(options, offline_qwen_tokenizer, max_length=64, separator_id=ENDOFTEXT)
+    with pytest.raises(benchmarks.BenchmarkError, match="^heldout_bpb needs a held-out file"):
+        BenchmarkCallback.from_args(BenchmarkArguments(benchmark_suite="local"), offline_qwen_tokenizer,
+                                    max_length=64, separator_id=ENDOFTEXT)
     assert BenchmarkCallback.from_args(BenchmarkArguments(), offline_qwen_tokenizer, max_length=64,
                                        separator_id=ENDOFTEXT) is None
