@@ -8,6 +8,8 @@ import sys
 import pytest
 from helpers import REPO, free_port
 
+pytestmark = pytest.mark.slow  # a DeepSpeed run and two evaluations on a CPU rank in bf16: 15-45 s
+
 # One process of its own: DeepSpeed joins a process group, and accelerate's state outlives the test in this one.
 # Trains 2 steps under the engine with an evaluation at the last, saves; then evaluates the saved model, loaded in
 # fp32 as pretrain.py loads a finished run's last checkpoint, in a Trainer that never trained. A hook on the final

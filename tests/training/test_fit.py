@@ -344,6 +344,7 @@ def test_the_planner_takes_config_overrides_as_pretrain_py_does(monkeypatch, cap
     assert capsys.readouterr().err.splitlines()[-1].startswith("fit: error: --config_overrides hidden_size=30: hidden_size")
 
 
+@pytest.mark.slow  # a DeepSpeed run on a CPU rank in bf16: 20-50 s
 def test_gradients_accumulate_in_fp32_under_the_shipped_ds_config():
     """Without data_types.grad_accum_dtype DeepSpeed sums micro-batches in the model's dtype, bf16, which drops the
     small terms (docs/reliability.md). bench.grad_accum runs ZeRO-2 on a CPU rank in bf16 with the shipped config and
