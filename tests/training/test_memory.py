@@ -44,14 +44,21 @@ def saved_bytes(config: Qwen2Config, checkpointing: bool, attention: str = "sdpa
     return sum(size for ptr, size in storages.items() if ptr not in weights)
 
 
+GQA_4 = shaped("tiny", num_hidden_layers=3, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
+               head_dim=64)
+REAL_WIDTHS = shaped("qwen2.5-0.5b", num_hidden_layers=2)  # the real widths, two of its 24 layers
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("config", [
-    shaped("tiny"),
-    shaped("tiny", num_hidden_layers=3, intermediate_size=768, num_attention_heads=8, num_key_value_heads=2,
-           head_dim=64),
-    shaped("qwen2.5-0.5b", num_hidden_layers=2),  # the real widths, two of its 24 layers
-], ids=["tiny", "gqa-4", "qwen2.5-0.5b-widths"])
-@pytest.mark.parametrize("attention", ["sdpa", SDPA_REPEATED_KV])
+@pytest.mark.parametrize("config, attention", [
+    pytest.param(shaped("tiny"), "sdpa", id="sdpa-tiny"),
+    pytest.param(shaped("tiny"), SDPA_REPEATED_KV, id="sdpa_repeated_kv-tiny"),
+    pytest.param(GQA_4, "sdpa", id="sdpa-gqa-4"),
+    pytest.param(GQA_4, SDPA_REPEATED_KV, id="sdpa_repeated_kv-gqa-4"),
+    pytest.param(REAL_WIDTHS, "sdpa", id="sdpa-qwen2.5-0.5b-widths"),
+    pytest.param(REAL_WIDTHS, SDPA_REPEATED_KV, id="sdpa_repeated_kv-qwen2.5-0.5b-widths",
+                 marks=pytest.mark.slow),  # 8 s a case; the repeated k/v at grouped widths is gqa-4's
+])
 def test_saved_activations_match_the_formula(config, checkpointing, attention):
     tokens = BATCH * SEQ
     log_softmax = 4 * config.vocab_size * tokens  # the loss keeps its fp32 log-softmax: counted with the logits
