@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.train import save
 from seqlm.data.demo import copy_offline_tokenizer, demo_documents, free_port, write_demo_conversations
 from seqlm.data.sft_cache import IGNORE_INDEX, ConversationDataset
 from seqlm.data.subset import make_subset
@@ -354,14 +355,6 @@ def table(results: list[tuple[Variant, dict]]) -> str:
     return "\n".join(rows)
 
 
-def save(results: list[tuple[Variant, dict]], header: str, out: Path) -> str:
-    """Write the results so far: a bench cut short keeps the runs it finished."""
-    text = f"{header}\n\n{table(results)}\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps([dict(r, variant=v.name) for v, r in results], indent=1))
-    return text
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help=f"{SMOKE.steps} pretraining and {SMOKE.sft_steps} fine-tuning "
@@ -390,10 +383,10 @@ def main() -> int:
         result = run(variant, data, budget, args)
         print(f"{variant.name}: {result.get('error') or result}", file=sys.stderr, flush=True)
         results.append((variant, result))
-        save(results, header, args.out)
+        save(results, header, table(results), args.out)
         if "error" in result and i == 0:
             break
-    print(save(results, header, args.out))
+    print(save(results, header, table(results), args.out))
     return 1 if any("error" in r for _, r in results) else 0
 
 

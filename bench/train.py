@@ -124,9 +124,10 @@ def table(results: list[tuple[Variant, dict]]) -> str:
     return "\n".join(rows)
 
 
-def save(results: list[tuple[Variant, dict]], header: str, out: Path) -> str:
-    """Write the results so far: a run cut short by a time limit keeps the variants it finished."""
-    text = f"{header}\n\n{table(results)}\n"
+def save(results: list[tuple], header: str, rendered: str, out: Path) -> str:
+    """Write the results so far (each (variant, result), and their table rendered): a bench cut short keeps the runs
+    it finished."""
+    text = f"{header}\n\n{rendered}\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps([dict(r, variant=v.name) for v, r in results], indent=1))
     return text
@@ -178,13 +179,13 @@ def main() -> int:
         print(f"{variant.name}: {result.get('error') or str(result['tokens_per_second']) + ' tokens/s'}",
               file=sys.stderr, flush=True)
         results.append((variant, result))
-        save(results, header, args.out)
+        save(results, header, table(results), args.out)
         if "error" in result and i == 0:
             break
         if not variant.alternative and "error" not in result:
             flags += variant.flags
 
-    print(save(results, header, args.out))
+    print(save(results, header, table(results), args.out))
     return 1 if any("error" in r for _, r in results) else 0
 
 
